@@ -1,0 +1,35 @@
+"""Stage flow: evaluate (DVC stage ``<pipeline>-evaluate``): metrics JSON, plots, the same in MLflow."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.registry import get_pipeline
+from tasks.evaluate import evaluate_gmm
+from tasks.runtime import RuntimeSettings, configure_threads, project_root
+from tasks.tracking import stage_run
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
+    spec = get_pipeline(pipeline)
+    root = project_root()
+    cfg = spec.load_config(root, config)
+    paths = spec.paths(root)
+    configure_threads(RuntimeSettings().resolved_threads())
+    with stage_run(
+        pipeline, "evaluate", params=cfg.evaluate.model_dump(),
+        inputs={"samples": paths.samples, "test": paths.test, "model": paths.model},
+        outputs={"metrics": paths.metrics},
+    ) as run:
+        import mlflow
+
+        metrics = evaluate_gmm(
+            cfg.evaluate, samples_path=paths.samples, test_path=paths.test, model_path=paths.model,
+            metrics_path=paths.metrics, plots_dir=paths.plots,
+        )
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(paths.metrics))
+        for png in ("samples.png", "score_field.png"):
+            mlflow.log_artifact(str(paths.plots / png), artifact_path="plots")
+    return metrics | {"mlflow_run_id": run.info.run_id}

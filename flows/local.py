@@ -1,0 +1,108 @@
+"""Local helpers that must not import Prefect: DVC calls and the project's Prefect server.
+
+Prefect reads its settings (``PREFECT_API_URL``) when it is first imported, so the server is started and the
+variable set here, before any flow module is imported. Keeping these helpers Prefect-free also keeps the
+no-op ``stein run`` (a ``dvc status``) fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from flows.registry import get_pipeline
+from tasks.runtime import state_dir
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for DVC and stage commands: this interpreter's bin first on PATH (so a stage's
+    ``python`` is the project's), plus ``extra``."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def dvc(*args: str, root: Path, env: dict[str, str] | None = None, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env or tool_env(), text=True,
+        capture_output=capture, check=False,
+    )
+
+
+def stale_stages(pipeline: str, root: Path) -> list[str] | None:
+    """Stages of ``pipeline`` that ``dvc repro`` would run (an empty list: up to date); None if DVC fails."""
+    spec = get_pipeline(pipeline)
+    target = spec.dvc_stage(spec.stages[-1])
+    proc = dvc("status", "--with-deps", "--json", target, root=root, capture=True)
+    if proc.returncode != 0:
+        return None
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        return None
+    return sorted(status)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def prefect_server(timeout: float = 90.0) -> Iterator[str]:
+    """A Prefect API for the flows of one pipeline run.
+
+    With ``PREFECT_API_URL`` set (a cluster's server), use it. Otherwise start ``prefect server`` on
+    127.0.0.1 for the duration: every stage process then talks to it (about 2 s per flow) instead of starting
+    its own ephemeral server (7-14 s per process on this machine). Runs persist in the project's Prefect home.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield url
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or state_dir() / "prefect")
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    logfile = home / "server.log"
+    env = tool_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})
+    prefect_bin = Path(sys.executable).parent / "prefect"
+    with open(logfile, "w") as out:
+        proc = subprocess.Popen(
+            [str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {logfile}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not answer on {url} within {timeout:.0f} s; see {logfile}")
+            time.sleep(0.2)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

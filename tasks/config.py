@@ -1,0 +1,146 @@
+"""Typed pipeline parameters, validated once at the edge.
+
+Each pipeline's YAML file in ``conf/`` (tracked by DVC as ``params``) has one section per stage. A section is
+validated into a pydantic model with ``extra="forbid"``, so an unknown key, a wrong type or an impossible value
+fails before any compute with a :class:`ConfigError` that names the file, the key and what was expected; the
+CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user must fix; the CLI exits with code 2."""
+
+    def __init__(self, path: str | Path, key: str | None, message: str):
+        self.path, self.key = str(path), key
+        where = f"{path}: key '{key}'" if key else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- gmm2d
+
+
+class GMMPrepare(_Section):
+    """A 2-D Gaussian mixture with isotropic components: train and test sets drawn from one seed."""
+
+    seed: int = 0
+    n_train: int = Field(20000, ge=2)
+    n_test: int = Field(4000, ge=4)
+    weights: list[float] = Field(default_factory=lambda: [0.8, 0.2], min_length=1)
+    means: list[list[float]] = Field(default_factory=lambda: [[-5.0, -5.0], [5.0, 5.0]], min_length=1)
+    std: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GMMPrepare:
+        if len(self.weights) != len(self.means):
+            raise ValueError(f"weights has {len(self.weights)} entries but means has {len(self.means)}")
+        if any(w <= 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
+            raise ValueError(f"weights must be positive and sum to 1, got {self.weights}")
+        dims = {len(m) for m in self.means}
+        if len(dims) != 1 or 0 in dims:
+            raise ValueError("every mean must have the same, non-zero dimension")
+        return self
+
+
+class NCSNTrain(_Section):
+    """Denoising score matching over a geometric noise ladder (NCSN, Song & Ermon 2019)."""
+
+    seed: int = 1
+    sigma_max: float = Field(10.0, gt=0, description="σ_1, the largest noise level")
+    sigma_min: float = Field(0.1, gt=0, description="σ_L, the smallest noise level")
+    n_sigmas: int = Field(10, ge=1)
+    hidden: int = Field(128, ge=1)
+    n_layers: int = Field(3, ge=1)
+    embed_dim: int = Field(32, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(512, ge=1)
+    n_steps: int = Field(3000, ge=1)
+    log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> NCSNTrain:
+        if self.n_sigmas > 1 and not self.sigma_max > self.sigma_min:
+            raise ValueError(
+                f"sigma_max (σ_1={self.sigma_max}) must be larger than sigma_min (σ_L={self.sigma_min})"
+            )
+        if self.n_sigmas == 1 and self.sigma_max != self.sigma_min:
+            raise ValueError("with n_sigmas=1, sigma_max and sigma_min must be equal")
+        return self
+
+
+class AnnealedLangevinSample(_Section):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): step α_i = ε σ_i² / σ_L²."""
+
+    seed: int = 2
+    n_samples: int = Field(4000, ge=1)
+    eps: float = Field(5e-5, gt=0, description="ε, the step size at the smallest noise level")
+    n_steps_each: int = Field(100, ge=1, description="T, Langevin steps per noise level")
+    denoise: bool = Field(True, description="final denoising step x + σ_L² s(x, σ_L) (NCSNv2)")
+    batch_size: int = Field(4096, ge=1, description="chains advanced together")
+
+
+class GMMEvaluate(_Section):
+    seed: int = 3
+    n_eval: int = Field(2000, ge=4, description="samples used for KSD/MMD (and the same number of test points)")
+    kernel: Literal["imq", "rbf"] = "imq"
+    imq_c: float = Field(1.0, gt=0)
+    imq_beta: float = Field(-0.5, lt=0)
+    rbf_bandwidth: float | Literal["median"] = "median"
+
+
+class GMM2dConfig(_Section):
+    prepare: GMMPrepare = GMMPrepare()
+    train: NCSNTrain = NCSNTrain()
+    sample: AnnealedLangevinSample = AnnealedLangevinSample()
+    evaluate: GMMEvaluate = GMMEvaluate()
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) if loc else "<root>"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, None, "file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, None, f"not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, None, f"expected a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
+    """Read ``path`` and validate it into ``model``; the first error names the file and the dotted key."""
+    data = load_yaml(path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _format_loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a parameter of this stage; check the spelling)"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""
+        raise ConfigError(path, key, msg + more) from None

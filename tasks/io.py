@@ -1,0 +1,173 @@
+"""The one place that reads and writes artifacts: Parquet datasets, checkpoints, metrics JSON.
+
+Every write is atomic (a temporary sibling, then ``os.replace``), so an interrupted stage never leaves a
+half-written file that DVC could cache. Datasets follow DESIGN.md: a column ``x`` of fixed-size float32 lists,
+an optional ``label`` column, and schema metadata (shape, source, split, seed, plus source parameters as JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import ConfigError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it into place, on failure remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artifacts are ordinary files
+    try:
+        yield tmp
+        if directory and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    """MD5 of a file's bytes: the same hash DVC records for a file in dvc.lock."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- Parquet
+
+
+def write_dataset(
+    path: str | Path,
+    x: np.ndarray,
+    *,
+    label: np.ndarray | None = None,
+    shape: tuple[int, ...] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``x`` ``[n, d]`` as a Parquet file with a fixed-size-list float32 column ``x``.
+
+    ``shape`` is the shape of one example (``(d,)`` for vectors, ``(C, H, W)`` for images); ``metadata``
+    values are stored as JSON strings in the schema metadata under their keys.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"x must be [n, d], got shape {x.shape}")
+    n, d = x.shape
+    shape = tuple(shape) if shape is not None else (d,)
+    if int(np.prod(shape)) != d:
+        raise ValueError(f"shape {shape} does not match feature dimension {d}")
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=pa.float32()), d)
+    columns = {"x": col}
+    if label is not None:
+        columns["label"] = pa.array(np.asarray(label, dtype=np.int64))
+    meta = {"shape": json.dumps(list(shape))}
+    for k, v in (metadata or {}).items():
+        meta[k] = json.dumps(v)
+    table = pa.table(columns).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+class Dataset:
+    """A dataset read back from Parquet: ``x`` ``[n, d]`` float32, optional ``label``, decoded metadata."""
+
+    def __init__(self, x: np.ndarray, label: np.ndarray | None, metadata: dict[str, Any]):
+        self.x, self.label, self.metadata = x, label, metadata
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.metadata.get("shape", [self.x.shape[1]]))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read a dataset written by :func:`write_dataset`; a missing or corrupt file raises ConfigError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, None, "input file not found (run the upstream stage first, e.g. `stein run`)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(path, None, f"not a readable Parquet file: {exc}") from exc
+    if "x" not in table.column_names:
+        raise ConfigError(path, "x", f"missing column 'x' (columns: {table.column_names})")
+    col = table.column("x").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise ConfigError(path, "x", f"expected a fixed-size list of floats, got {col.type}")
+    d = col.type.list_size
+    x = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)  # writable copy
+    label = table.column("label").to_numpy() if "label" in table.column_names else None
+    raw = table.schema.metadata or {}
+    metadata: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.decode()
+        if key.startswith("ARROW:") or key == "pandas":
+            continue
+        try:
+            metadata[key] = json.loads(v.decode())
+        except json.JSONDecodeError:
+            metadata[key] = v.decode()
+    return Dataset(x, label, metadata)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, *, state_dict: Mapping[str, Any], model_args: Mapping[str, Any], **extra: Any) -> None:
+    """A checkpoint carries what rebuilds it: the weights, the constructor arguments and extra plain data."""
+    import torch
+
+    payload = {"state_dict": dict(state_dict), "model_args": dict(model_args), **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, None, "checkpoint not found (run the train stage first)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise ConfigError(path, None, f"not a readable checkpoint: {exc}") from exc

@@ -1,0 +1,223 @@
+"""Train stage: a noise-conditional score network by denoising score matching, distributed with Ray Train.
+
+The driver (this process) starts or joins Ray, creates nothing itself but the trainer, and after ``fit`` copies
+the final checkpoint to the stage's output atomically. Each Ray worker runs :func:`train_loop_per_worker`:
+DDP through ``ray.train.torch.prepare_model``, its own seeded minibatch stream, checkpoints reported to Ray
+(so a failed worker group restarts from the last one), and, on rank 0, loss curves logged into the MLflow run
+the driver created (the driver passes the run id and an absolute tracking URI).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import NCSNTrain
+from tasks.io import atomic_path, save_checkpoint
+from tasks.runtime import OFFLINE_ENV, RuntimeSettings, project_root, state_dir
+
+log = logging.getLogger("stein")
+
+_STATE = "state.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker. ``config``: train (NCSNTrain as dict), data_path, threads, mlflow run_id/uri."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from stein_core import NoiseConditionalMLP, geometric_sigmas, get_dsm_loss_fn
+    from tasks.io import read_dataset
+
+    cfg = NCSNTrain(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    data = torch.from_numpy(read_dataset(config["data_path"]).x).to(device)  # [n, d]
+    n, dim = data.shape
+    sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_sigmas, device=device)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    net = NoiseConditionalMLP(dim=dim, hidden=cfg.hidden, n_layers=cfg.n_layers, embed_dim=cfg.embed_dim)
+    model_args = dict(net.model_args)
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = get_dsm_loss_fn(sigmas)
+
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming after a worker-group failure
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / _STATE, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], [tuple(h) for h in state["history"]]
+    # Each rank draws its own minibatches; the generator state is a pure function of (seed, rank, step).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank * 7919 + start)
+    per_rank_batch = max(1, cfg.batch_size // world)
+
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    running, count, t0 = 0.0, 0, time.perf_counter()
+    for step in range(start, cfg.n_steps):
+        idx = torch.randint(n, (per_rank_batch,), generator=gen, device=device)
+        loss = loss_fn(model, data[idx], generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        count += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.n_steps:
+            mean_loss = running / count
+            history.append((done, mean_loss))
+            if rank == 0:
+                rate = count * per_rank_batch * world / (time.perf_counter() - t0)
+                print(f"[train] step {done}/{cfg.n_steps}  dsm_loss {mean_loss:.4f}  {rate:,.0f} samples/s", flush=True)
+                if client is not None:
+                    from mlflow.entities import Metric
+
+                    ts = int(time.time() * 1000)
+                    client.log_batch(
+                        config["mlflow_run_id"],
+                        metrics=[Metric("train/dsm_loss", mean_loss, ts, done), Metric("train/samples_per_s", rate, ts, done)],
+                    )
+            running, count, t0 = 0.0, 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.n_steps:
+            metrics = {"step": done, "dsm_loss": history[-1][1] if history else float("nan")}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    state = {
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": done,
+                        "history": [list(h) for h in history],
+                        "model_args": model_args,
+                        "sigmas": sigmas.cpu().tolist(),
+                    }
+                    torch.save(state, Path(d) / _STATE)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+
+def ray_runtime_env(settings: RuntimeSettings, root: Path, threads: int) -> dict[str, Any]:
+    """Environment of the Ray workers: the project importable, offline, thread counts capped."""
+    env = dict(OFFLINE_ENV) | {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if settings.ray_ship_code:
+        runtime_env["working_dir"] = str(root)
+        runtime_env["excludes"] = [".venv", ".stein", ".git", ".dvc/cache", "data", "models", "samples", "plots"]
+    return runtime_env
+
+
+def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine. Returns True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = settings.resolved_ray_address()
+    runtime_env = ray_runtime_env(settings, root, threads)
+    t0 = time.perf_counter()
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # A local Ray turns on token auth by default; nothing but this process talks to it.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, settings.num_workers),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+    log.info("Ray %s in %.1f s", f"joined at {address}" if address else "started locally", time.perf_counter() - t0)
+    return True
+
+
+@task(name="train-ncsn", cache_policy=NO_CACHE)
+def train_ncsn(
+    cfg: NCSNTrain,
+    *,
+    data_path: Path,
+    model_path: Path,
+    loss_csv: Path,
+    pipeline: str,
+    mlflow_run_id: str | None,
+    mlflow_tracking_uri: str | None,
+    settings: RuntimeSettings | None = None,
+) -> dict[str, float]:
+    """Train with Ray Train's TorchTrainer and write the final checkpoint and the loss curve (CSV)."""
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    settings = settings or RuntimeSettings()
+    root = project_root()
+    threads = settings.resolved_threads()
+    use_gpu = settings.resolved_use_gpu()
+    started = init_ray(settings, root, threads)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": cfg.model_dump(),
+                "data_path": str(Path(data_path).resolve()),  # workers change directory: absolute paths
+                "threads": threads,
+                "mlflow_run_id": mlflow_run_id,
+                "mlflow_tracking_uri": mlflow_tracking_uri,
+            },
+            scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=f"{pipeline}-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                storage_path=str(state_dir(root) / "ray_results"),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=1),
+            ),
+        )
+        log.info("training on %d Ray worker(s), use_gpu=%s", settings.num_workers, use_gpu)
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        fit_seconds = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / _STATE, map_location="cpu", weights_only=True)
+    save_checkpoint(
+        model_path,
+        state_dict=state["model"],
+        model_args=state["model_args"],
+        sigmas=state["sigmas"],
+        step=state["step"],
+        train_config=cfg.model_dump(),
+    )
+    with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "dsm_loss"])
+        w.writerows(state["history"])
+    final_loss = state["history"][-1][1] if state["history"] else float("nan")
+    return {"final_dsm_loss": float(final_loss), "fit_seconds": fit_seconds, "steps": int(state["step"])}

@@ -1,0 +1,109 @@
+"""Each stage's task logic, called through ``.fn()`` on small data (Ray Train for real in the train test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import AnnealedLangevinSample, GMMEvaluate, GMMPrepare, NCSNTrain
+from tasks.evaluate import evaluate_gmm
+from tasks.io import read_dataset, save_checkpoint, write_dataset
+from tasks.prepare import prepare_gmm
+from tasks.sample import sample_annealed_langevin
+
+
+def test_prepare_writes_seeded_mixture(project):
+    cfg = GMMPrepare(seed=5, n_train=4000, n_test=400)
+    train, test = project / "data" / "train.parquet", project / "data" / "test.parquet"
+    info = prepare_gmm.fn(cfg, train, test)
+    assert info == {"n_train": 4000, "n_test": 400, "dim": 2}
+    ds = read_dataset(train)
+    assert ds.x.shape == (4000, 2) and ds.x.dtype == np.float32
+    assert ds.metadata["split"] == "train" and ds.metadata["seed"] == 5
+    assert ds.metadata["mixture"]["weights"] == [0.8, 0.2]
+    # component frequencies: binomial, sd = sqrt(0.8*0.2/4000) = 0.0063; 4 sd
+    assert abs((ds.label == 0).mean() - 0.8) < 4 * math.sqrt(0.16 / 4000)
+    # same seed, same bytes; another seed, other data
+    again = project / "again.parquet"
+    prepare_gmm.fn(cfg, again, project / "again_test.parquet")
+    np.testing.assert_array_equal(read_dataset(again).x, ds.x)
+
+
+def _model(project, dim=2, sigmas=(3.0, 1.0, 0.3)):
+    from stein_core import NoiseConditionalMLP
+
+    torch.manual_seed(0)
+    net = NoiseConditionalMLP(dim=dim, hidden=16, n_layers=2, embed_dim=8)
+    path = project / "models" / "m.pt"
+    save_checkpoint(path, state_dict=net.state_dict(), model_args=net.model_args, sigmas=list(sigmas))
+    return path
+
+
+def test_sample_is_reproducible_and_tagged(project):
+    model = _model(project)
+    cfg = AnnealedLangevinSample(seed=11, n_samples=300, eps=1e-3, n_steps_each=5, batch_size=128)
+    a, b = project / "a.parquet", project / "b.parquet"
+    info = sample_annealed_langevin.fn(cfg, model_path=model, out_path=a)
+    sample_annealed_langevin.fn(cfg, model_path=model, out_path=b)
+    da, db = read_dataset(a), read_dataset(b)
+    assert da.x.shape == (300, 2) and np.isfinite(da.x).all()
+    np.testing.assert_array_equal(da.x, db.x)  # the batches draw from one seeded generator
+    assert da.metadata["sampler"]["n_steps_each"] == 5 and len(da.metadata["model_md5"]) == 32
+    assert info["chain_steps_per_s"] > 0
+
+
+def test_evaluate_scores_true_samples_well_and_shifted_samples_badly(project):
+    from stein_core import GaussianMixture
+
+    spec = {"weights": [0.8, 0.2], "means": [[-5.0, -5.0], [5.0, 5.0]], "stds": [1.0, 1.0]}
+    mix = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
+    gen = torch.Generator().manual_seed(0)
+    test_x, _ = mix.sample(2000, generator=gen)
+    good_x, _ = mix.sample(1000, generator=gen)
+    test = project / "test.parquet"
+    write_dataset(test, test_x.numpy(), metadata={"mixture": spec})
+    model = _model(project, sigmas=(3.0, 1.0, 0.3))
+    cfg = GMMEvaluate(n_eval=1000)
+    results = {}
+    for name, x in {"good": good_x, "bad": good_x + torch.tensor([1.5, 0.0])}.items():
+        path = project / f"{name}.parquet"
+        write_dataset(path, x.numpy())
+        results[name] = evaluate_gmm.fn(
+            cfg, samples_path=path, test_path=test, model_path=model,
+            metrics_path=project / "metrics" / f"{name}.json", plots_dir=project / "plots" / name,
+        )
+    good, bad = results["good"], results["bad"]
+    on_disk = json.loads((project / "metrics" / "good.json").read_text())
+    assert on_disk == pytest.approx(good)
+    assert {"ksd", "mmd", "weight_error", "ref_ksd", "ref_mmd", "ref_weight_error"} <= set(good)
+    # weight of the heavy mode from 1000 exact samples: sd 0.0126, so 4 sd
+    assert good["weight_error"] < 0.05 and good["ref_weight_error"] < 0.05
+    assert bad["ksd"] > 20 * max(abs(good["ksd"]), 1e-3)
+    assert bad["mmd"] > 20 * max(abs(good["mmd"]), 1e-4)
+    for png in ("samples.png", "score_field.png"):
+        assert (project / "plots" / "good" / png).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_train_through_ray_train_writes_checkpoint_and_curve(project):
+    """Real Ray Train (one local CPU worker) on a tiny problem; the loss curve and checkpoint are written."""
+    from tasks.io import load_checkpoint
+    from tasks.runtime import RuntimeSettings
+    from tasks.train import train_ncsn
+
+    prepare_gmm.fn(GMMPrepare(n_train=2000, n_test=100), project / "train.parquet", project / "test.parquet")
+    cfg = NCSNTrain(n_steps=60, log_every=20, checkpoint_every=30, batch_size=64, hidden=16, n_layers=2, n_sigmas=4)
+    info = train_ncsn.fn(
+        cfg, data_path=project / "train.parquet", model_path=project / "model.pt", loss_csv=project / "loss.csv",
+        pipeline="test", mlflow_run_id=None, mlflow_tracking_uri=None,
+        settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1),
+    )
+    assert info["steps"] == 60 and math.isfinite(info["final_dsm_loss"])
+    ckpt = load_checkpoint(project / "model.pt")
+    assert ckpt["step"] == 60 and len(ckpt["sigmas"]) == 4 and ckpt["model_args"]["hidden"] == 16
+    rows = (project / "loss.csv").read_text().strip().splitlines()
+    assert rows[0] == "step,dsm_loss" and [r.split(",")[0] for r in rows[1:]] == ["20", "40", "60"]
