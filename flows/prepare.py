@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 
 from flows.registry import get_pipeline
@@ -20,6 +22,8 @@ def prepare_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
     with stage_run(pipeline, "prepare", params=cfg.prepare.model_dump(), outputs=outputs) as run:
         import mlflow
 
+        t0 = time.perf_counter()
         info = prepare_gmm(cfg.prepare, paths.train, paths.test)
+        mlflow.log_metric("compute_seconds", time.perf_counter() - t0)
         mlflow.log_metrics({k: float(v) for k, v in info.items()})
     return info | {"mlflow_run_id": run.info.run_id}

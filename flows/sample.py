@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 
 from flows.registry import get_pipeline
@@ -25,6 +27,8 @@ def sample_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
     ) as run:
         import mlflow
 
+        t0 = time.perf_counter()
         info = sample_annealed_langevin(cfg.sample, model_path=paths.model, out_path=paths.samples, device=device)
+        mlflow.log_metric("compute_seconds", time.perf_counter() - t0)
         mlflow.log_metrics(info)
     return info | {"mlflow_run_id": run.info.run_id}

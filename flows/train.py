@@ -35,7 +35,7 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
             mlflow_tracking_uri=tracking_uri(root),
             settings=settings,
         )
-        mlflow.log_metrics(info)
+        mlflow.log_metrics(info | {"compute_seconds": info["train_loop_seconds"]})
         mlflow.log_artifact(str(paths.model), artifact_path="model")
         mlflow.log_artifact(str(paths.plots / "train_loss.csv"), artifact_path="plots")
     return info | {"mlflow_run_id": run.info.run_id}
