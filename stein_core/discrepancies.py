@@ -1,25 +1,55 @@
-"""Kernel discrepancies: kernelized Stein discrepancy (KSD) and MMD.
+"""Kernel discrepancies: kernelized Stein discrepancy (KSD), sliced KSD and MMD.
 
 Shapes: samples ``[..., n, d]``; Gram / Stein-kernel matrices ``[..., n, n]``;
-estimates ``[...]`` (0-dim for unbatched input). Everything is differentiable
-and O(n^2) in memory: no ``[n, n, d]`` tensor is formed.
+estimates ``[...]`` (0-dim for unbatched input). Leading ``...`` dims are
+independent problems (e.g. repetitions of an experiment) and are never mixed.
+Everything is differentiable and O(n^2) in memory: no ``[n, n, d]`` tensor is
+formed.
 
-Module layout (planned additions go in their own sections below): quadratic-time
-KSD and MMD estimators here; sliced KSD, linear-time KSD and wild-bootstrap
-goodness-of-fit tests are to be added next to them, reusing
-``stein_kernel_matrix``.
+Sections: quadratic- and linear-time KSD (closed form for radial kernels, an
+autograd reference for any other kernel); sliced KSD and maxSKSD; quadratic-
+and linear-time MMD. Hypothesis tests built on these statistics (wild
+bootstrap, permutations) live in :mod:`stein_core.tests_stat`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .kernels import RadialKernel, sq_dists
+from ._random import randn
+from .kernels import RBF, RadialKernel, median_heuristic, sq_dists
 
-__all__ = ["stein_kernel_matrix", "ksd", "get_ksd_fn", "mmd", "get_mmd_fn"]
+__all__ = [
+    "Kernel",
+    "LinearStatistic",
+    "MaxSKSDResult",
+    "stein_kernel_matrix",
+    "ksd",
+    "get_ksd_fn",
+    "ksd_linear",
+    "median_rbf",
+    "sliced_stein_kernel_matrix",
+    "sksd",
+    "get_sksd_fn",
+    "maxsksd",
+    "mmd",
+    "get_mmd_fn",
+    "mmd_linear",
+]
+
+Kernel = Callable[[Tensor, Tensor], Tensor]
+"""Any kernel: ``(x [..., n, d], y [..., m, d]) -> Gram [..., n, m]``."""
+
+ScoreArg = Tensor | Callable[[Tensor], Tensor]
+"""A score given as values ``[..., n, d]`` at the samples, or as a callable ``x -> [..., n, d]``."""
+
+SliceKernel = RadialKernel | Callable[[Tensor], RadialKernel]
+"""Kernel on 1-D projections: a radial kernel, or a factory ``u [..., n, 1] -> RadialKernel``."""
 
 _STATISTICS = ("u", "v")
 
@@ -40,10 +70,132 @@ def _mean_offdiag(mat: Tensor) -> Tensor:
     return total / (n * (n - 1))
 
 
+def _reduce(mat: Tensor, stat: str) -> Tensor:
+    """U- (off-diagonal mean) or V- (mean of all entries) statistic of ``[..., n, n]`` -> ``[...]``."""
+    return _mean_offdiag(mat) if stat == "u" else mat.mean(dim=(-2, -1))
+
+
+def _eval_score(x: Tensor, score: ScoreArg) -> Tensor:
+    score_x = score(x) if callable(score) else score
+    if score_x.shape != x.shape:
+        raise ValueError(f"x {tuple(x.shape)} and score {tuple(score_x.shape)} differ")
+    return score_x
+
+
+def _pairs(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Disjoint consecutive pairs ``(x_1, x_2), (x_3, x_4), ...`` -> two ``[..., n // 2, d]``."""
+    m = x.shape[-2] // 2
+    if m < 2:
+        raise ValueError("a linear-time statistic needs at least 4 samples")
+    return x[..., 0 : 2 * m : 2, :], x[..., 1 : 2 * m : 2, :]
+
+
+def _gram_pairs(kernel: Kernel, a: Tensor, b: Tensor) -> Tensor:
+    """``k(a_i, b_i)`` for matched rows: ``[..., m, d]`` twice -> ``[..., m]`` in O(m d).
+
+    Radial kernels use the profile directly; any other kernel is called on
+    ``[..., m, 1, d]`` inputs (it must accept leading batch dims).
+    """
+    if isinstance(kernel, RadialKernel):
+        diff = a - b
+        return kernel.phi((diff * diff).sum(-1))
+    return kernel(a.unsqueeze(-2), b.unsqueeze(-2))[..., 0, 0]
+
+
+def _linear_statistic(h: Tensor) -> LinearStatistic:
+    """Mean, standard error and one-sided normal p-value of i.i.d. terms ``h [..., m]``."""
+    m = h.shape[-1]
+    value = h.mean(-1)
+    se = h.std(-1, correction=1) / math.sqrt(m)
+    p_value = torch.special.ndtr(-value / se)
+    return LinearStatistic(value, se, p_value)
+
+
+class LinearStatistic(NamedTuple):
+    """A linear-time statistic: mean of ``m`` i.i.d. terms, each field ``[...]``.
+
+    Attributes:
+        value: the estimate (unbiased).
+        std_error: ``std(h) / sqrt(m)`` (sample std of the terms).
+        p_value: one-sided p-value of ``H0: E h = 0`` against ``E h > 0`` from the
+            normal approximation, ``1 - Phi(value / std_error)``.
+    """
+
+    value: Tensor
+    std_error: Tensor
+    p_value: Tensor
+
+
 # ---------------------------------------------------------------------------
 # Kernelized Stein discrepancy
 # ---------------------------------------------------------------------------
-def stein_kernel_matrix(x: Tensor, score_x: Tensor, kernel: RadialKernel) -> Tensor:
+def _stein_cross_radial(
+    x: Tensor, sx: Tensor, y: Tensor, sy: Tensor, kernel: RadialKernel
+) -> Tensor:
+    """Closed-form ``u_p(x_i, y_j)`` for a radial kernel -> ``[..., n, m]``.
+
+    See :func:`stein_kernel_matrix`; here ``x [..., n, d]`` and ``y [..., m, d]``
+    with scores ``sx``, ``sy`` may differ.
+    """
+    d = x.shape[-1]
+    r2 = sq_dists(x, y)  # [..., n, m]
+    phi, dphi, d2phi = kernel.profile(r2)
+    # The cross term is invariant to a common shift of x and y: centre both at
+    # the (detached) mean of x to limit cancellation, as sq_dists does.
+    shift = x.mean(dim=-2, keepdim=True).detach()
+    xc, yc = x - shift, y - shift
+    s_y = sx @ yc.transpose(-2, -1)  # [..., n, m]  s_i.y_j
+    x_t = xc @ sy.transpose(-2, -1)  # [..., n, m]  x_i.t_j
+    s_x = (sx * xc).sum(-1)  # [..., n]  s_i.x_i
+    t_y = (sy * yc).sum(-1)  # [..., m]  t_j.y_j
+    # s_i.(y_j - x_i) + t_j.(x_i - y_j)
+    cross = s_y - s_x[..., :, None] + x_t - t_y[..., None, :]
+    ss = sx @ sy.transpose(-2, -1)  # [..., n, m]  s_i.t_j
+    return phi * ss + 2.0 * dphi * cross - 2.0 * d * dphi - 4.0 * d2phi * r2
+
+
+def _stein_cross_autograd(x: Tensor, sx: Tensor, y: Tensor, sy: Tensor, kernel: Kernel) -> Tensor:
+    """``u_p(x_i, y_j)`` for any twice-differentiable kernel, by autograd -> ``[..., n, m]``.
+
+    Gram entry ``(i, j)`` may depend only on ``x_i`` and ``y_j``. Then, with a
+    zero dummy ``w [..., n, m]``, ``G(w) = grad_x sum(w * K)`` is linear in ``w``
+    and ``d/dw_ij sum_i G(w)_ia = dk(x_i, y_j)/dx_ia``: one double-backward pass
+    per coordinate ``a`` gives the whole ``[n, m]`` matrix of partials (the
+    "double-vjp" form of a Jacobian-vector product). The same trick once more
+    gives ``d^2 k / dx_ia dy_ja``. Cost: ``O(d)`` passes through the kernel
+    (``O(n m d)`` for a radial-like kernel); every intermediate is ``[..., n, m]``
+    or ``[..., n, d]``. When the result itself must be differentiated (grad
+    mode on and an input requires grad) autograd keeps the ``d`` per-coordinate
+    graphs alive, so that use is for small ``n``.
+    """
+    d = x.shape[-1]
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # Separate graph nodes for the two arguments (x and y may be the same tensor).
+        xa = x.clone() if x.requires_grad else x.detach().requires_grad_(True)
+        ya = y.clone() if y.requires_grad else y.detach().requires_grad_(True)
+        k = kernel(xa, ya)  # [..., n, m]
+        w = torch.zeros_like(k, requires_grad=True)
+        # [..., n, d] and [..., m, d], both linear in w
+        gx, gy = torch.autograd.grad(k, (xa, ya), grad_outputs=w, create_graph=True)
+        out = (sx @ sy.transpose(-2, -1)) * k
+        for a in range(d):
+            dk_dx = torch.autograd.grad(gx[..., a].sum(), w, create_graph=True)[0]  # [..., n, m]
+            dk_dy = torch.autograd.grad(gy[..., a].sum(), w, create_graph=True)[0]  # [..., n, m]
+            w2 = torch.zeros_like(k, requires_grad=True)
+            g2 = torch.autograd.grad(dk_dx, ya, grad_outputs=w2, create_graph=True)[0]  # [.., m, d]
+            d2k = torch.autograd.grad(g2[..., a].sum(), w2, create_graph=keep_graph)[0]  # [.., n, m]
+            out = out + sx[..., :, a, None] * dk_dy + sy[..., None, :, a] * dk_dx + d2k
+    return out if keep_graph else out.detach()
+
+
+def _stein_cross(x: Tensor, sx: Tensor, y: Tensor, sy: Tensor, kernel: Kernel) -> Tensor:
+    if isinstance(kernel, RadialKernel):
+        return _stein_cross_radial(x, sx, y, sy, kernel)
+    return _stein_cross_autograd(x, sx, y, sy, kernel)
+
+
+def stein_kernel_matrix(x: Tensor, score_x: Tensor, kernel: Kernel) -> Tensor:
     """Langevin-Stein kernel matrix ``u_p(x_i, x_j)``.
 
     Liu, Lee & Jordan, "A Kernelized Stein Discrepancy for Goodness-of-fit
@@ -61,33 +213,30 @@ def stein_kernel_matrix(x: Tensor, score_x: Tensor, kernel: RadialKernel) -> Ten
 
     where ``S_ij = s_i.s_j``; all terms are ``[n, n]`` matrix products.
 
+    Any other kernel (a deep kernel ``k(f(x), f(y))``, a product kernel, ...)
+    goes through an autograd reference: ``O(d)`` double-backward passes, each
+    ``[..., n, n]`` (see ``_stein_cross_autograd``); slower, for small ``n`` or
+    for checking closed forms. Its Gram entry ``(i, j)`` must depend only on
+    ``x_i, x_j`` and be twice differentiable by autograd (``torch.cdist`` has no
+    double backward; a distance clamped at 0, as in ``sq_dists``, has a zero
+    gradient where it clamps, i.e. possibly on the diagonal).
+
     Args:
         x: ``[..., n, d]`` samples.
         score_x: ``[..., n, d]`` score of the target ``p`` evaluated at ``x``.
-        kernel: a :class:`RadialKernel`.
+        kernel: a :class:`RadialKernel` (closed form), or any callable
+            ``(x [..., n, d], y [..., m, d]) -> [..., n, m]`` (autograd).
 
     Returns:
-        ``[..., n, n]`` symmetric matrix.
+        ``[..., n, n]`` symmetric matrix, differentiable wrt ``x``, ``score_x``
+        and kernel parameters.
     """
     if x.shape != score_x.shape:
         raise ValueError(f"x {tuple(x.shape)} and score_x {tuple(score_x.shape)} differ")
-    d = x.shape[-1]
-    r2 = sq_dists(x, x)  # [..., n, n]
-    phi, dphi, d2phi = kernel.profile(r2)
-    ss = score_x @ score_x.transpose(-2, -1)  # [..., n, n]  s_i.s_j
-    sx = score_x @ x.transpose(-2, -1)  # [..., n, n]  s_i.x_j
-    sx_diag = torch.diagonal(sx, dim1=-2, dim2=-1)  # [..., n]  s_i.x_i
-    # s_i.x_j - s_i.x_i + s_j.x_i - s_j.x_j
-    cross = sx - sx_diag[..., :, None] + sx.transpose(-2, -1) - sx_diag[..., None, :]
-    return phi * ss + 2.0 * dphi * cross - 2.0 * d * dphi - 4.0 * d2phi * r2
+    return _stein_cross(x, score_x, x, score_x, kernel)
 
 
-def ksd(
-    x: Tensor,
-    score: Tensor | Callable[[Tensor], Tensor],
-    kernel: RadialKernel,
-    statistic: str = "u",
-) -> Tensor:
+def ksd(x: Tensor, score: ScoreArg, kernel: Kernel, statistic: str = "u") -> Tensor:
     """Squared kernelized Stein discrepancy ``KSD^2(q || p)`` from samples ``x ~ q``.
 
     Liu, Lee & Jordan (ICML 2016), eq. for ``S(q, p) = E_{x,x'~q} u_p(x, x')``.
@@ -96,7 +245,8 @@ def ksd(
         x: ``[..., n, d]`` samples.
         score: score of ``p`` at ``x`` as a tensor ``[..., n, d]``, or a callable
             ``x -> [..., n, d]``.
-        kernel: a :class:`RadialKernel`.
+        kernel: a :class:`RadialKernel` or any kernel callable (see
+            :func:`stein_kernel_matrix`).
         statistic: ``"u"`` (unbiased U-statistic: mean over ``i != j``, may be
             negative) or ``"v"`` (V-statistic: mean over all pairs, >= 0, biased).
 
@@ -104,40 +254,356 @@ def ksd(
         ``[...]`` estimate (0-dim for ``x`` of shape ``[n, d]``).
     """
     stat = _check_statistic(statistic)
-    score_x = score(x) if callable(score) else score
-    h = stein_kernel_matrix(x, score_x, kernel)
-    if stat == "u":
-        return _mean_offdiag(h)
-    return h.mean(dim=(-2, -1))
+    h = stein_kernel_matrix(x, _eval_score(x, score), kernel)
+    return _reduce(h, stat)
 
 
-def get_ksd_fn(
-    kernel: RadialKernel, statistic: str = "u"
-) -> Callable[[Tensor, Tensor | Callable[[Tensor], Tensor]], Tensor]:
+def get_ksd_fn(kernel: Kernel, statistic: str = "u") -> Callable[[Tensor, ScoreArg], Tensor]:
     """Factory: fix the kernel and statistic, return ``ksd_fn(x, score) -> Tensor``.
 
     See :func:`ksd` for the arguments of the returned closure.
     """
     stat = _check_statistic(statistic)
 
-    def ksd_fn(x: Tensor, score: Tensor | Callable[[Tensor], Tensor]) -> Tensor:
+    def ksd_fn(x: Tensor, score: ScoreArg) -> Tensor:
         return ksd(x, score, kernel, statistic=stat)
 
     return ksd_fn
 
 
+def ksd_linear(x: Tensor, score: ScoreArg, kernel: Kernel) -> LinearStatistic:
+    """Linear-time KSD^2: mean of ``u_p`` over disjoint consecutive pairs.
+
+    Liu, Lee & Jordan (ICML 2016), Sec. 4 (linear-time statistic, after
+    Gretton et al. 2012): with ``m = n // 2``,
+
+        KSD^2_l = (1/m) sum_{i=1}^m u_p(x_{2i-1}, x_{2i}),
+
+    an unbiased mean of ``m`` i.i.d. terms, hence asymptotically normal with
+    standard error ``std(u_p) / sqrt(m)`` under the null (mean 0) and the
+    alternative alike. O(n d) time and memory. An odd last sample is dropped.
+
+    Args:
+        x: ``[..., n, d]`` samples, ``n >= 4``, in i.i.d. order.
+        score: tensor ``[..., n, d]`` or callable, as in :func:`ksd`.
+        kernel: as in :func:`ksd`.
+
+    Returns:
+        :class:`LinearStatistic` with fields ``[...]``; ``p_value`` tests
+        ``KSD = 0`` (one-sided, since KSD^2 >= 0).
+    """
+    score_x = _eval_score(x, score)
+    a, b = _pairs(x)
+    sa, sb = _pairs(score_x)
+    # Matched pairs as [..., m, 1, d] batches of 1 x 1 Stein-kernel matrices.
+    h = _stein_cross(a.unsqueeze(-2), sa.unsqueeze(-2), b.unsqueeze(-2), sb.unsqueeze(-2), kernel)
+    return _linear_statistic(h[..., 0, 0])
+
+
+# ---------------------------------------------------------------------------
+# Sliced kernelized Stein discrepancy (Gong, Li & Hernandez-Lobato, ICLR 2021)
+# ---------------------------------------------------------------------------
+def median_rbf(x: Tensor, y: Tensor | None = None) -> RBF:
+    """RBF kernel with the median-heuristic bandwidth of ``x`` (pooled with ``y``).
+
+    The bandwidth (see :func:`stein_core.kernels.median_heuristic`, detached) is
+    computed per leading batch entry (``[...]``; :class:`RBF` broadcasts it
+    against ``[..., n, m]`` distance matrices of the same batch). Passed as the
+    ``kernel`` of :func:`sksd` / :func:`maxsksd` (a factory called on each 1-D
+    projection ``[..., n, 1]``) it gives every slice its own median-heuristic
+    bandwidth, the setting of Gong et al. (2021).
+    """
+    return RBF(median_heuristic(x, y))  # bandwidth [...], broadcast by RBF
+
+
+def _unit(v: Tensor) -> Tensor:
+    """Rows of ``v [..., R, d]`` scaled to unit Euclidean norm."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def sliced_stein_kernel_matrix(
+    x: Tensor, score_x: Tensor, kernel: SliceKernel, r: Tensor, g: Tensor
+) -> Tensor:
+    """Sliced Stein kernel ``sum_k h_{r_k, g_k}(x_i, x_j)`` -> ``[..., n, n]``.
+
+    Gong, Li & Hernandez-Lobato, "Sliced Kernelized Stein Discrepancy", ICLR
+    2021, Thm. 3 (analytic SKSD). Slice ``k`` projects the score on ``r`` and
+    the kernel input on ``g`` (dropping ``k``): ``s_r(x) = r^T s(x)`` and
+    ``k_g(x, y) = kappa(g^T x, g^T y)`` with a 1-D kernel ``kappa``. Its Stein
+    kernel
+
+        h_{r,g}(x, y) = s_r(x) s_r(y) k_g + s_r(x) r^T grad_y k_g
+                        + s_r(y) r^T grad_x k_g + r^T grad_x grad_y k_g r
+
+    reduces to 1-D derivatives by the chain rule: ``grad_x k_g = kappa_u g``,
+    ``grad_y k_g = kappa_v g`` and ``grad_x grad_y k_g = kappa_uv g g^T``, with
+    ``u = g^T x``, ``v = g^T y``, so every ``r^T g`` factor is the scalar
+    ``c = r.g``. For a radial ``kappa = phi((u - v)^2)`` (``phi', phi''`` wrt
+    the squared distance, ``delta = u - v``): ``kappa_u = 2 phi' delta``,
+    ``kappa_v = -2 phi' delta``, ``kappa_uv = -2 phi' - 4 phi'' delta^2``, so
+
+        h_{r,g}(x, y) = phi s_r(x) s_r(y) + 2 c phi' delta (s_r(y) - s_r(x))
+                        - c^2 (2 phi' + 4 phi'' delta^2).
+
+    With ``r = g = e_a`` this is the 1-D Stein kernel of coordinate ``a``.
+
+    Slices are processed one at a time: forward memory is ``O(n^2)`` whatever
+    ``R`` (a backward pass stores ``O(R n^2)``).
+
+    Args:
+        x: ``[..., n, d]`` samples.
+        score_x: ``[..., n, d]`` score of ``p`` at ``x``.
+        kernel: 1-D kernel ``kappa``: a :class:`RadialKernel`, or a factory
+            called with each projection ``[..., n, 1]`` returning one (e.g.
+            :func:`median_rbf`: a per-slice median-heuristic bandwidth).
+        r: ``[R, d]`` or ``[..., R, d]`` score directions (unit vectors; used as given).
+        g: ``[..., R, d]`` kernel directions, one per ``r`` (batch dims of
+            ``x``, ``r`` and ``g`` broadcast).
+
+    Returns:
+        ``[..., n, n]`` symmetric matrix, the sum over the ``R`` slices.
+    """
+    if x.shape != score_x.shape:
+        raise ValueError(f"x {tuple(x.shape)} and score_x {tuple(score_x.shape)} differ")
+    if r.ndim < 2 or g.ndim < 2 or r.shape[-2:] != g.shape[-2:] or r.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"r {tuple(r.shape)} and g {tuple(g.shape)} must both be [..., R, d={x.shape[-1]}]"
+        )
+    proj_x = x @ g.transpose(-2, -1)  # [..., n, R]  g_k.x_i
+    proj_s = score_x @ r.transpose(-2, -1)  # [..., n, R]  r_k.s_i
+    c = (r * g).sum(-1)  # [..., R]
+    out = None
+    for k in range(r.shape[-2]):
+        u = proj_x[..., k]  # [..., n]
+        s = proj_s[..., k]  # [..., n]
+        ck = c[..., k, None, None]  # [..., 1, 1]
+        kern = kernel if isinstance(kernel, RadialKernel) else kernel(u.unsqueeze(-1))
+        delta = u[..., :, None] - u[..., None, :]  # [..., n, n]
+        delta2 = delta * delta
+        phi, dphi, d2phi = kern.profile(delta2)
+        h = (
+            phi * (s[..., :, None] * s[..., None, :])
+            + 2.0 * ck * dphi * delta * (s[..., None, :] - s[..., :, None])
+            - ck * ck * (2.0 * dphi + 4.0 * d2phi * delta2)
+        )
+        out = h if out is None else out + h
+    if out is None:
+        raise ValueError("need at least one slice (R >= 1)")
+    return out
+
+
+def sksd(
+    x: Tensor,
+    score: ScoreArg,
+    kernel: SliceKernel,
+    *,
+    r: Tensor,
+    g: Tensor,
+    statistic: str = "u",
+) -> Tensor:
+    """Sliced kernelized Stein discrepancy ``SKSD(q || p) = sum_k D^2_{r_k, g_k}`` from ``x ~ q``.
+
+    Gong, Li & Hernandez-Lobato (ICLR 2021), eq. (6)/Thm. 3: the sum over the
+    slices of the squared 1-D KSDs, each estimated by the U- (or V-) statistic
+    of :func:`sliced_stein_kernel_matrix`. Fixed ``r, g``; see :func:`maxsksd`
+    for optimised ones. Differentiable wrt ``x``, the score and ``r, g``.
+
+    Args:
+        x: ``[..., n, d]``.
+        score: tensor ``[..., n, d]`` or callable ``x -> [..., n, d]``.
+        kernel: see :func:`sliced_stein_kernel_matrix`.
+        r, g: ``[R, d]`` or ``[..., R, d]`` unit directions.
+        statistic: ``"u"`` or ``"v"``.
+
+    Returns:
+        ``[...]`` estimate.
+    """
+    stat = _check_statistic(statistic)
+    h = sliced_stein_kernel_matrix(x, _eval_score(x, score), kernel, r, g)
+    return _reduce(h, stat)
+
+
+def get_sksd_fn(
+    kernel: SliceKernel, *, r: Tensor, g: Tensor, statistic: str = "u"
+) -> Callable[[Tensor, ScoreArg], Tensor]:
+    """Factory: fix the kernel, directions and statistic; return ``sksd_fn(x, score)``."""
+    stat = _check_statistic(statistic)
+
+    def sksd_fn(x: Tensor, score: ScoreArg) -> Tensor:
+        return sksd(x, score, kernel, r=r, g=g, statistic=stat)
+
+    return sksd_fn
+
+
+class MaxSKSDResult(NamedTuple):
+    """Output of :func:`maxsksd`.
+
+    Attributes:
+        statistic: ``[...]`` SKSD at the optimised directions (differentiable wrt
+            ``x`` and the score; the directions are detached).
+        r: ``[..., R, d]`` unit score directions (the basis for ``variant="g"``).
+        g: ``[..., R, d]`` optimised unit kernel directions.
+    """
+
+    statistic: Tensor
+    r: Tensor
+    g: Tensor
+
+
+_VARIANTS = ("g", "rg")
+
+
+def _init_directions(
+    x: Tensor,
+    variant: str,
+    r: Tensor | None,
+    g: Tensor | None,
+    n_slices: int | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Initial unit ``(r, g)``, each ``[..., R, d]`` with the batch dims of ``x``."""
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+    batch, d = x.shape[:-2], x.shape[-1]
+    if r is None:
+        if variant == "g":
+            r = torch.eye(d, dtype=x.dtype, device=x.device)
+        else:
+            r = randn((*batch, n_slices or 1, d), like=x, generator=generator)
+    r = _unit(r.to(dtype=x.dtype, device=x.device).detach()).expand(*batch, *r.shape[-2:])
+    g = r if g is None else _unit(g.to(dtype=x.dtype, device=x.device).detach())
+    g = g.expand(*batch, *g.shape[-2:])
+    if g.shape != r.shape:
+        raise ValueError(f"r {tuple(r.shape)} and g {tuple(g.shape)} differ")
+    return r.clone(), g.clone()
+
+
+def _optimise_directions(
+    x: Tensor,
+    score_x: Tensor,
+    kernel: SliceKernel,
+    r: Tensor,
+    g: Tensor,
+    *,
+    optimise_r: bool,
+    n_steps: int,
+    lr: float,
+    statistic: str,
+) -> tuple[Tensor, Tensor]:
+    """Adam ascent of the SKSD over unit directions; returns detached unit ``(r, g)``."""
+    x, score_x = x.detach(), score_x.detach()
+    g_p = g.detach().clone().requires_grad_(True)
+    r_p = r.detach().clone().requires_grad_(optimise_r)
+    params = [g_p, r_p] if optimise_r else [g_p]
+    opt = torch.optim.Adam(params, lr=lr, maximize=True)
+    with torch.enable_grad():
+        for _ in range(n_steps):
+            opt.zero_grad(set_to_none=True)
+            # The objective is a sum over slices (and over independent batch
+            # entries; Adam's update is elementwise): back-propagate slice by
+            # slice so that only one slice's [..., n, n] graph is alive.
+            for k in range(g_p.shape[-2]):
+                obj = sksd(
+                    x,
+                    score_x,
+                    kernel,
+                    r=_unit(r_p[..., k : k + 1, :]),
+                    g=_unit(g_p[..., k : k + 1, :]),
+                    statistic=statistic,
+                )
+                obj.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(_unit(p))
+    return _unit(r_p).detach(), _unit(g_p).detach()
+
+
+def maxsksd(
+    x: Tensor,
+    score: ScoreArg,
+    kernel: SliceKernel,
+    *,
+    variant: str = "g",
+    r: Tensor | None = None,
+    g: Tensor | None = None,
+    n_slices: int | None = None,
+    n_steps: int = 50,
+    lr: float = 0.01,
+    statistic: str = "u",
+    generator: torch.Generator | None = None,
+) -> MaxSKSDResult:
+    """maxSKSD: the SKSD at slice directions optimised by projected gradient ascent.
+
+    Gong, Li & Hernandez-Lobato (ICLR 2021), Sec. 3.3:
+
+    - ``variant="g"`` (maxSKSD-g): ``r`` is an orthonormal basis (the standard
+      basis unless ``r`` is given, ``R = d``) and each ``g_r`` is optimised.
+    - ``variant="rg"`` (maxSKSD-rg): ``R`` slices (``n_slices``, default 1, or
+      ``r.shape[-2]``) whose ``r`` and ``g`` are both optimised.
+
+    Initialisation: ``g = r``; ``r`` is the given one, the standard basis
+    (``"g"``) or ``n_slices`` Gaussian directions (``"rg"``, drawn with
+    ``generator``). Optimisation: ``n_steps`` Adam steps (learning rate ``lr``)
+    maximising the statistic of ``x`` itself with ``x`` and the score detached,
+    the objective evaluated at the normalised directions and the parameters
+    renormalised to the unit sphere after every step. As in the paper's model
+    learning use, the same samples serve for optimisation and estimation, which
+    biases the statistic upwards; :func:`stein_core.tests_stat.sksd_test` splits
+    the sample instead to keep the level of a test.
+
+    The returned statistic is recomputed at the optimised, detached directions
+    with the graph of ``x`` and the score intact, so it is a differentiable
+    training loss (the directions act like an inner maximisation step).
+
+    Args:
+        x: ``[..., n, d]``; every batch entry gets its own directions.
+        score: tensor ``[..., n, d]`` or callable.
+        kernel: see :func:`sliced_stein_kernel_matrix` (:func:`median_rbf`
+            recomputes the bandwidth of each projection at every step).
+        variant: ``"g"`` or ``"rg"``.
+        r, g: optional initial (or, ``r`` for ``"g"``, fixed) directions
+            ``[R, d]`` or ``[..., R, d]``.
+        n_slices: number of slices for ``"rg"`` when ``r`` is not given.
+        n_steps: Adam steps (0: evaluate at the initial directions).
+        lr: Adam learning rate. Adam moves each coordinate by about ``lr`` per
+            step, so a direction moves by about ``lr * sqrt(d)``.
+        statistic: ``"u"`` or ``"v"``.
+        generator: RNG for the random initial ``r`` of ``"rg"``.
+
+    Returns:
+        :class:`MaxSKSDResult` ``(statistic [...], r [..., R, d], g [..., R, d])``.
+    """
+    stat = _check_statistic(statistic)
+    score_x = _eval_score(x, score)
+    r0, g0 = _init_directions(x, variant, r, g, n_slices, generator)
+    r_opt, g_opt = _optimise_directions(
+        x,
+        score_x,
+        kernel,
+        r0,
+        g0,
+        optimise_r=(variant == "rg"),
+        n_steps=n_steps,
+        lr=lr,
+        statistic=stat,
+    )
+    value = sksd(x, score_x, kernel, r=r_opt, g=g_opt, statistic=stat)
+    return MaxSKSDResult(value, r_opt, g_opt)
+
+
 # ---------------------------------------------------------------------------
 # Maximum mean discrepancy
 # ---------------------------------------------------------------------------
-def mmd(x: Tensor, y: Tensor, kernel: RadialKernel, statistic: str = "u") -> Tensor:
+def mmd(x: Tensor, y: Tensor, kernel: Kernel, statistic: str = "u") -> Tensor:
     """Squared maximum mean discrepancy ``MMD^2(P, Q)`` from ``x ~ P`` and ``y ~ Q``.
 
     Gretton et al., "A Kernel Two-Sample Test", JMLR 2012 (eq. 3 for the
     unbiased and eq. 5 for the biased estimator).
 
     Args:
-        x: ``[..., n, d]``.
-        y: ``[..., m, d]`` (``n`` and ``m`` may differ).
+        x: ``[..., n, d]``, ``n >= 2``.
+        y: ``[..., m, d]``, ``m >= 2`` (``n`` and ``m`` may differ).
         kernel: any kernel callable ``(x, y) -> Gram``.
         statistic: ``"u"``: within-sample terms averaged over ``i != j``
             (unbiased), cross term over all ``n m`` pairs; ``"v"``: all terms
@@ -150,12 +616,10 @@ def mmd(x: Tensor, y: Tensor, kernel: RadialKernel, statistic: str = "u") -> Ten
     kxx = kernel(x, x)
     kyy = kernel(y, y)
     kxy = kernel(x, y)
-    if stat == "u":
-        return _mean_offdiag(kxx) + _mean_offdiag(kyy) - 2.0 * kxy.mean(dim=(-2, -1))
-    return kxx.mean(dim=(-2, -1)) + kyy.mean(dim=(-2, -1)) - 2.0 * kxy.mean(dim=(-2, -1))
+    return _reduce(kxx, stat) + _reduce(kyy, stat) - 2.0 * kxy.mean(dim=(-2, -1))
 
 
-def get_mmd_fn(kernel: RadialKernel, statistic: str = "u") -> Callable[[Tensor, Tensor], Tensor]:
+def get_mmd_fn(kernel: Kernel, statistic: str = "u") -> Callable[[Tensor, Tensor], Tensor]:
     """Factory: fix the kernel and statistic, return ``mmd_fn(x, y) -> Tensor``."""
     stat = _check_statistic(statistic)
 
@@ -163,3 +627,38 @@ def get_mmd_fn(kernel: RadialKernel, statistic: str = "u") -> Callable[[Tensor, 
         return mmd(x, y, kernel, statistic=stat)
 
     return mmd_fn
+
+
+def mmd_linear(x: Tensor, y: Tensor, kernel: Kernel) -> LinearStatistic:
+    """Linear-time MMD^2 (Gretton et al., JMLR 2012, Sec. 6, Lemma 14).
+
+    With ``m = n // 2`` disjoint pairs,
+
+        MMD^2_l = (1/m) sum_i h(z_{2i-1}, z_{2i}),
+        h(z, z') = k(x, x') + k(y, y') - k(x, y') - k(x', y),   z = (x, y),
+
+    a mean of i.i.d. terms: asymptotically normal with standard error
+    ``std(h) / sqrt(m)``. O(n d) time and memory; an odd last pair is dropped.
+
+    Args:
+        x: ``[..., n, d]``; y: ``[..., n, d]`` (equal sizes, ``n >= 4``). Any
+            kernel callable; a non-radial one must accept leading batch dims.
+        kernel: as in :func:`mmd`.
+
+    Returns:
+        :class:`LinearStatistic` with fields ``[...]``; ``p_value`` is one-sided
+        (large values reject ``P = Q``).
+    """
+    if x.shape[-2] != y.shape[-2]:
+        raise ValueError(
+            f"mmd_linear needs equal sample sizes, got {x.shape[-2]} and {y.shape[-2]}"
+        )
+    x1, x2 = _pairs(x)
+    y1, y2 = _pairs(y)
+    h = (
+        _gram_pairs(kernel, x1, x2)
+        + _gram_pairs(kernel, y1, y2)
+        - _gram_pairs(kernel, x1, y2)
+        - _gram_pairs(kernel, x2, y1)
+    )  # [..., m]
+    return _linear_statistic(h)

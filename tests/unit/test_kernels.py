@@ -1,11 +1,22 @@
-"""Radial kernels: profile derivatives vs autograd, Gram matrices vs direct formulas."""
+"""Kernels: profile derivatives vs autograd, Gram matrices vs direct formulas, the summed
+gradients of the Stein gradient estimators vs per-pair autograd loops."""
 
 import itertools
 
 import pytest
 import torch
 
-from stein_core import IMQ, RBF, median_heuristic, sq_dists
+from stein_core import (
+    IMQ,
+    RBF,
+    DeepKernel,
+    SumKernel,
+    grad_x_sum_autograd,
+    gram_and_grad_x_sum,
+    imq_mixture,
+    median_heuristic,
+    sq_dists,
+)
 
 KERNELS = [RBF(0.7), RBF(2.5), IMQ(1.0, -0.5), IMQ(0.5, -1.5)]
 IDS = ["rbf0.7", "rbf2.5", "imq1,-0.5", "imq0.5,-1.5"]
@@ -108,3 +119,158 @@ def test_median_heuristic_gaussian_and_subsampling():
     assert abs(h_sub.item() - 1.1774) < 4 * 0.018
     h_full = median_heuristic(x[:2000])
     assert abs(h_full.item() - 1.1774) < 4 * 0.011
+
+
+# ---------------------------------------------------------------------------
+# Issue 3: SumKernel, batched parameters, imq_mixture, grad_x_sum, DeepKernel
+# ---------------------------------------------------------------------------
+SUM = SumKernel([RBF(0.6), IMQ(1.5, -0.5), IMQ(0.4, -1.2)])
+CLOSED_FORM = KERNELS + [SUM]
+CLOSED_IDS = IDS + ["sum"]
+
+
+def pairwise_grad_sum_loop(kernel_fn, x, y):
+    """sum_j grad_1 k(x_j, y_i), one autograd call per pair: ``x [n, d]``, ``y [m, d]`` -> ``[m, d]``."""
+    out = torch.zeros(y.shape[0], x.shape[1], dtype=torch.float64)
+    for i, j in itertools.product(range(y.shape[0]), range(x.shape[0])):
+        xj = x[j].detach().double().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(kernel_fn(xj[None], y[i].double()[None])[0, 0], xj)
+        out[i] += g
+    return out
+
+
+def test_sum_kernel_profile_is_sum_and_differentiable():
+    r2 = torch.linspace(0.0, 9.0, 29, dtype=torch.float64).requires_grad_(True)
+    parts = [k.profile(r2) for k in SUM.kernels]
+    for got, want in zip(SUM.profile(r2), [sum(p[i] for p in parts) for i in range(3)]):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(SUM.phi(r2), SUM.profile(r2)[0], rtol=1e-14, atol=0)
+    # The derivatives of the summed profile are those of the summed phi (autograd).
+    phi, dphi, d2phi = SUM.profile(r2)
+    (g1,) = torch.autograd.grad(phi.sum(), r2, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), r2)
+    torch.testing.assert_close(dphi, g1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(d2phi, g2, rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(SUM.profile, (r2.detach().requires_grad_(True),))
+    assert torch.autograd.gradgradcheck(SUM.profile, (r2.detach().requires_grad_(True),))
+    # Gram of the sum = sum of the Grams.
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(SUM(x, y), sum(k(x, y) for k in SUM.kernels), rtol=1e-14, atol=0)
+
+
+def test_sum_kernel_validation():
+    with pytest.raises(ValueError):
+        SumKernel([])
+    with pytest.raises(TypeError):
+        SumKernel([RBF(1.0), lambda x, y: x @ y.T])
+
+
+@pytest.mark.parametrize("kernel", CLOSED_FORM, ids=CLOSED_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_x_sum_closed_form_matches_autograd(kernel, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, generator=g, dtype=dtype)  # [B=2, n=6, d=3]
+    y = torch.randn(2, 4, 3, generator=g, dtype=dtype)  # [B=2, m=4, d=3]
+    gram_t, gsum = kernel.gram_and_grad_x_sum(x, y)
+    assert gram_t.shape == (2, 4, 6) and gsum.shape == (2, 4, 3)
+    assert gram_t.dtype == gsum.dtype == dtype
+    torch.testing.assert_close(gram_t, kernel(x, y).transpose(-2, -1))
+    torch.testing.assert_close(kernel.grad_x_sum(x, y), gsum)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for b in range(2):  # per-pair autograd loop (float64 reference)
+        ref = pairwise_grad_sum_loop(kernel, x[b], y[b])
+        torch.testing.assert_close(gsum[b].double(), ref, rtol=tol, atol=tol)
+    # Forward-mode autograd fallback agrees too (same dtype).
+    torch.testing.assert_close(grad_x_sum_autograd(kernel, x, y), gsum, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", [RBF(0.9), IMQ(0.7, -0.5), SUM], ids=["rbf", "imq", "sum"])
+def test_grad_x_sum_gradcheck(kernel):
+    # The closed form is itself differentiable in x and y (finite differences vs autograd).
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kernel.grad_x_sum, (x, y))
+
+
+def test_grad_x_sum_far_from_origin_float32():
+    # The closed form centres x and y (the shift cancels), so float32 keeps ~1e-4 relative accuracy at 1e3.
+    g = torch.Generator().manual_seed(6)
+    x = 1e3 + torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = 1e3 + torch.randn(30, 2, generator=g, dtype=torch.float64)
+    k = RBF(1.0)
+    ref = k.grad_x_sum(x - 1e3, y - 1e3)
+    got = k.grad_x_sum(x.float(), y.float()).double()
+    assert (got - ref).norm() / ref.norm() < 1e-3
+
+
+def test_batched_parameters_match_per_entry_kernels():
+    # A [B] bandwidth / c gives one kernel per batch entry of a [B, n, m] Gram matrix.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    h = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for batched, single in [(RBF(h), RBF), (IMQ(h, -0.7), lambda c: IMQ(c, -0.7))]:
+        gram_t, gsum = batched.gram_and_grad_x_sum(x, y)
+        for b in range(3):
+            ref_t, ref_g = single(float(h[b])).gram_and_grad_x_sum(x[b], y[b])
+            torch.testing.assert_close(gram_t[b], ref_t, rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(gsum[b], ref_g, rtol=1e-13, atol=1e-15)
+
+
+def test_imq_mixture_uses_scaled_median_bandwidth():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(15, 3, generator=g, dtype=torch.float64) + 0.5
+    h = median_heuristic(x, y).item()
+    k = imq_mixture(x, y, scales=(0.5, 2.0), beta=-0.5)
+    assert isinstance(k, SumKernel) and len(k.kernels) == 2
+    assert [c.c for c in k.kernels] == pytest.approx([0.5 * h, 2.0 * h], rel=1e-14)
+    r2 = sq_dists(x, y)
+    want = (0.25 * h * h + r2) ** -0.5 + (4.0 * h * h + r2) ** -0.5
+    torch.testing.assert_close(k(x, y), want, rtol=1e-14, atol=0)
+    # Default: 4 scales (0.5, 1, 2, 4); batched input: one c per batch entry.
+    xb = torch.stack([x, 3.0 * x])
+    kb = imq_mixture(xb)
+    assert len(kb.kernels) == 4 and kb.kernels[1].c.shape == (2,)
+    for b in range(2):
+        torch.testing.assert_close(kb(xb, xb)[b], imq_mixture(xb[b])(xb[b], xb[b]))
+    with pytest.raises(ValueError):
+        imq_mixture(torch.zeros(5, 2))
+
+
+class _Tanh(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deep_kernel_gram_and_grad_sum(dtype):
+    torch.manual_seed(0)  # nn.Linear initialisation
+    fmap = _Tanh().to(dtype)
+    base = IMQ(1.0, -0.5)
+    kern = DeepKernel(fmap, base)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 3, generator=g, dtype=dtype)
+    y = torch.randn(2, 4, 3, generator=g, dtype=dtype)
+    gram = kern(x, y)
+    assert gram.shape == (2, 5, 4) and gram.dtype == dtype
+    torch.testing.assert_close(gram, base(fmap(x), fmap(y)))
+    gram_t, gsum = gram_and_grad_x_sum(kern, x, y)
+    assert gsum.shape == (2, 4, 3) and gsum.dtype == dtype
+    torch.testing.assert_close(gram_t, gram.transpose(-2, -1))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        kern64 = DeepKernel(_Tanh().double(), base)
+        kern64.feature_map.load_state_dict(fmap.state_dict())
+    for b in range(2):
+        ref = pairwise_grad_sum_loop(kern64, x[b].double(), y[b].double())
+        torch.testing.assert_close(gsum[b].double(), ref, rtol=tol, atol=tol)
+    # With the identity feature map the deep kernel is the base kernel: autograd == closed form.
+    ident = DeepKernel(lambda z: z, base)
+    torch.testing.assert_close(ident.grad_x_sum(x, y), base.grad_x_sum(x, y), rtol=tol, atol=tol)
