@@ -134,6 +134,40 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
         _fail(exc)
 
 
+@main.group()
+def bench() -> None:
+    """Micro-benchmarks of stein_core (the pipeline benchmark is bench/bench_pipeline.py)."""
+
+
+@bench.command("ksd")
+@click.option("--n", "n", type=click.IntRange(min=2), default=4096, show_default=True, help="Number of samples.")
+@click.option("--d", "d", type=click.IntRange(min=1), default=64, show_default=True, help="Dimension.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repetitions (median reported).")
+@click.option("--naive/--no-naive", default=None, help="Time the naive [n, n, d] reference (default: when affordable).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_ksd(n: int, d: int, repeats: int, naive: bool | None, device: str, as_json: bool) -> None:
+    """Time the KSD U-statistic (IMQ kernel, standard-normal score) on random [N, D] data.
+
+    Reports the median seconds, the same-run floor (one [n, d] x [d, n] matrix product plus one element-wise
+    pass over [n, n]) and, where it fits, the naive reference that materialises [n, n, d].
+    """
+    import json
+
+    _setup()
+    from tasks.bench import time_ksd
+
+    out = time_ksd(n, d, repeats=repeats, naive=naive, device=device)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"KSD U-statistic, n={n}, d={d}, {out['dtype']} on {device} ({out['threads']} threads)")
+    click.echo(f"  seconds        {out['seconds']:.4f}  (median of {repeats})")
+    click.echo(f"  floor          {out['floor_seconds']:.4f}  (ratio {out['ratio_to_floor']:.2f})")
+    if "naive_seconds" in out:
+        click.echo(f"  naive [n,n,d]  {out['naive_seconds']:.4f}  ({out['speedup_vs_naive']:.1f}x slower)")
+
+
 @main.command()
 @click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
 def ui(port: int) -> None:

@@ -6,21 +6,17 @@ import time
 
 from prefect import flow
 
-from flows.registry import get_pipeline
+from flows.registry import load_stage
 from tasks.evaluate import evaluate_gmm
-from tasks.runtime import RuntimeSettings, configure_threads, project_root
 from tasks.tracking import stage_run
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
-    spec = get_pipeline(pipeline)
-    root = project_root()
-    cfg = spec.load_config(root, config)
-    paths = spec.paths(root)
-    configure_threads(RuntimeSettings().resolved_threads())
+    ctx = load_stage(pipeline, config)
+    paths = ctx.paths
     with stage_run(
-        pipeline, "evaluate", params=cfg.evaluate.model_dump(),
+        pipeline, "evaluate", params=ctx.cfg.evaluate.model_dump(),
         inputs={"samples": paths.samples, "test": paths.test, "model": paths.model},
         outputs={"metrics": paths.metrics},
     ) as run:
@@ -28,7 +24,7 @@ def evaluate_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
 
         t0 = time.perf_counter()
         metrics = evaluate_gmm(
-            cfg.evaluate, samples_path=paths.samples, test_path=paths.test, model_path=paths.model,
+            ctx.cfg.evaluate, samples_path=paths.samples, test_path=paths.test, model_path=paths.model,
             metrics_path=paths.metrics, plots_dir=paths.plots,
         )
         mlflow.log_metrics(metrics | {"compute_seconds": time.perf_counter() - t0})

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.config import ConfigError, GMM2dConfig, load_config
+from tasks.runtime import RuntimeSettings, configure_threads, project_root
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,31 @@ PIPELINES: dict[str, Pipeline] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage flow starts from: the pipeline, its validated config, its paths, the runtime."""
+
+    spec: Pipeline
+    root: Path
+    cfg: BaseModel
+    paths: Paths
+    settings: RuntimeSettings
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.settings.resolved_use_gpu() else "cpu"
+
+
+def load_stage(pipeline: str, config: str | Path | None = None) -> StageContext:
+    """Resolve the pipeline, validate its config, read the runtime settings and cap the thread count."""
+    spec = get_pipeline(pipeline)
+    root = project_root()
+    cfg = spec.load_config(root, config)
+    settings = RuntimeSettings()
+    configure_threads(settings.resolved_threads())
+    return StageContext(spec, root, cfg, spec.paths(root), settings)
 
 
 def get_pipeline(name: str) -> Pipeline:

@@ -4,35 +4,30 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.registry import get_pipeline
-from tasks.runtime import RuntimeSettings, configure_threads, project_root
+from flows.registry import load_stage
 from tasks.tracking import stage_run, tracking_uri
 from tasks.train import train_ncsn
 
 
 @flow(name="train", log_prints=True)
 def train_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
-    spec = get_pipeline(pipeline)
-    root = project_root()
-    cfg = spec.load_config(root, config)
-    paths = spec.paths(root)
-    settings = RuntimeSettings()
-    configure_threads(settings.resolved_threads())
+    ctx = load_stage(pipeline, config)
+    paths, settings = ctx.paths, ctx.settings
     with stage_run(
-        pipeline, "train", params=cfg.train.model_dump(), inputs={"train": paths.train},
+        pipeline, "train", params=ctx.cfg.train.model_dump(), inputs={"train": paths.train},
         outputs={"model": paths.model},
     ) as run:
         import mlflow
 
         mlflow.log_params({"runtime.num_workers": settings.num_workers, "runtime.use_gpu": settings.resolved_use_gpu()})
         info = train_ncsn(
-            cfg.train,
+            ctx.cfg.train,
             data_path=paths.train,
             model_path=paths.model,
             loss_csv=paths.plots / "train_loss.csv",
             pipeline=pipeline,
             mlflow_run_id=run.info.run_id,
-            mlflow_tracking_uri=tracking_uri(root),
+            mlflow_tracking_uri=tracking_uri(ctx.root),
             settings=settings,
         )
         mlflow.log_metrics(info | {"compute_seconds": info["train_loop_seconds"]})
