@@ -254,8 +254,59 @@ def ksd(x: Tensor, score: ScoreArg, kernel: Kernel, statistic: str = "u") -> Ten
         ``[...]`` estimate (0-dim for ``x`` of shape ``[n, d]``).
     """
     stat = _check_statistic(statistic)
-    h = stein_kernel_matrix(x, _eval_score(x, score), kernel)
-    return _reduce(h, stat)
+    score_x = _eval_score(x, score)
+    if isinstance(kernel, RadialKernel):
+        return _ksd_radial_blocked(x, score_x, kernel, stat)
+    return _reduce(stein_kernel_matrix(x, score_x, kernel), stat)
+
+
+#: Rows per block in :func:`_ksd_radial_blocked`: a ``[block, n]`` float32 slab of about 4 MiB stays in cache.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _ksd_radial_blocked(x: Tensor, s: Tensor, kernel: RadialKernel, stat: str) -> Tensor:
+    """KSD² for a radial kernel without forming the Stein kernel matrix -> ``[...]``.
+
+    Summing :func:`stein_kernel_matrix` over all pairs and using the symmetry of ``Phi' = [phi'(r_ij^2)]``,
+
+        sum_ij u_ij = <S, Phi S + 4 Phi' X> - 4 a.rho - 2 d sum(rho) - 4 <Phi'', R2>,
+
+    with ``S = [s_i]``, ``X = [x_i]`` (centred), ``a_i = s_i.x_i``, ``rho = rowsum(Phi')`` and ``<.,.>`` the
+    Frobenius product. Per block of rows that is three GEMMs (``r^2`` from one product of the augmented
+    ``[x, |x|^2, 1]`` and ``[-2x, 1, |x|^2]``, then ``Phi S`` and ``Phi' X``) and a few element-wise passes over a
+    ``[..., block, n]`` slab small enough to stay in cache, so memory is ``O(n * block)``, not ``O(n^2)``.
+    The U-statistic removes the diagonal ``u_ii = phi(0) |s_i|^2 - 2 d phi'(0)`` (``r_ii = 0``).
+    Differentiable; agrees with the matrix form to round-off (tested).
+    """
+    n, d = x.shape[-2], x.shape[-1]
+    if stat == "u" and n < 2:
+        raise ValueError("a U-statistic needs at least 2 samples")
+    shift = x.mean(dim=-2, keepdim=True).detach()
+    xc = x - shift  # [..., n, d]; u is translation invariant
+    sq = (xc * xc).sum(-1, keepdim=True)  # [..., n, 1]
+    ones = torch.ones_like(sq)
+    left = torch.cat([xc, sq, ones], dim=-1)  # [..., n, d + 2]
+    right_t = torch.cat([-2.0 * xc, ones, sq], dim=-1).transpose(-2, -1)  # [..., d + 2, n]
+    a = (s * xc).sum(-1)  # [..., n]
+    block = max(16, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    total = x.new_zeros(x.shape[:-2])
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        r2 = (left[..., i0:i1, :] @ right_t).clamp_min(0.0)  # [..., b, n] = |x_i - x_j|^2
+        phi, dphi, d2phi = kernel.profile(r2)
+        m = phi @ s + 4.0 * (dphi @ xc)  # [..., b, d]
+        rho = dphi.sum(-1)  # [..., b]
+        total = total + (
+            (s[..., i0:i1, :] * m).sum((-2, -1))
+            - 4.0 * (a[..., i0:i1] * rho).sum(-1)
+            - 2.0 * d * rho.sum(-1)
+            - 4.0 * (d2phi * r2).sum((-2, -1))
+        )
+    if stat == "v":
+        return total / (n * n)
+    phi0, dphi0, _ = kernel.profile(x.new_zeros((*x.shape[:-2], 1, 1)))
+    diag = phi0[..., 0, 0] * (s * s).sum((-2, -1)) - 2.0 * d * n * dphi0[..., 0, 0]
+    return (total - diag) / (n * (n - 1))
 
 
 def get_ksd_fn(kernel: Kernel, statistic: str = "u") -> Callable[[Tensor, ScoreArg], Tensor]:

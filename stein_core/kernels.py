@@ -62,7 +62,12 @@ def sq_dists(x: Tensor, y: Tensor) -> Tensor:
     x2 = (xc * xc).sum(-1, keepdim=True)  # [..., n, 1]
     y2 = (yc * yc).sum(-1, keepdim=True)  # [..., m, 1]
     r2 = x2 + y2.transpose(-2, -1) - 2.0 * (xc @ yc.transpose(-2, -1))  # [..., n, m]
-    return r2.clamp_min(0.0)
+    if r2.requires_grad:
+        # Clamp the value but keep the gradient of the unclamped expression: where round-off makes r^2
+        # slightly negative (the diagonal of x vs x), a plain clamp would zero the first and second
+        # derivatives there, and autograd-based Stein kernels would lose their trace term.
+        return r2 - (r2 - r2.clamp_min(0.0)).detach()
+    return r2.clamp_min_(0.0)
 
 
 class RadialKernel:
