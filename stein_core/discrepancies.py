@@ -264,6 +264,14 @@ def ksd(x: Tensor, score: ScoreArg, kernel: Kernel, statistic: str = "u") -> Ten
 _BLOCK_ELEMENTS = 1 << 20
 
 
+def _frobenius(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` over the last two dims -> ``[...]``; unbatched, a BLAS dot (no ``[n, m]`` temporary).
+    (A ``[1, nm] @ [nm, 1]`` matmul would be the batched analogue but runs ~30x slower on CPU.)"""
+    if a.dim() == 2 and b.dim() == 2:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum((-2, -1))
+
+
 def _ksd_radial_blocked(x: Tensor, s: Tensor, kernel: RadialKernel, stat: str) -> Tensor:
     """KSD² for a radial kernel without forming the Stein kernel matrix -> ``[...]``.
 
@@ -292,7 +300,7 @@ def _ksd_radial_blocked(x: Tensor, s: Tensor, kernel: RadialKernel, stat: str) -
     total = x.new_zeros(x.shape[:-2])
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        r2 = (left[..., i0:i1, :] @ right_t).clamp_min(0.0)  # [..., b, n] = |x_i - x_j|^2
+        r2 = (left[..., i0:i1, :] @ right_t).clamp_min_(0.0)  # [..., b, n] = |x_i - x_j|^2
         phi, dphi, d2phi = kernel.profile(r2)
         m = phi @ s + 4.0 * (dphi @ xc)  # [..., b, d]
         rho = dphi.sum(-1)  # [..., b]
@@ -300,7 +308,7 @@ def _ksd_radial_blocked(x: Tensor, s: Tensor, kernel: RadialKernel, stat: str) -
             (s[..., i0:i1, :] * m).sum((-2, -1))
             - 4.0 * (a[..., i0:i1] * rho).sum(-1)
             - 2.0 * d * rho.sum(-1)
-            - 4.0 * (d2phi * r2).sum((-2, -1))
+            - 4.0 * _frobenius(d2phi, r2)
         )
     if stat == "v":
         return total / (n * n)

@@ -209,10 +209,11 @@ class IMQ(RadialKernel):
     def profile(self, r2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b = self.beta
         c = _as_param(self.c, r2)
-        base = c * c + r2
-        phi = base**b
-        dphi = b * phi / base  # b base^(b-1)
-        d2phi = (b - 1.0) * dphi / base  # b (b-1) base^(b-2)
+        base = r2 + c * c
+        inv = base.reciprocal()  # one division, reused twice
+        phi = base.rsqrt() if b == -0.5 else base.pow(b)
+        dphi = (phi * inv).mul_(b)  # b base^(b-1)
+        d2phi = (dphi * inv).mul_(b - 1.0)  # b (b-1) base^(b-2)
         return phi, dphi, d2phi
 
 
