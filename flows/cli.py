@@ -134,6 +134,40 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
         _fail(exc)
 
 
+@main.command()
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Parquet file with a column x of fixed-size float lists.")
+@click.option("--target", type=click.Choice(["std_normal", "std_laplace"]), default="std_normal", show_default=True, help="The model tested, in the data's dimension.")
+@click.option("--test", "test_name", type=click.Choice(["ksd", "sksd"]), default="ksd", show_default=True, help="KSD (wild bootstrap) or maxSKSD (directions fitted on half the data).")
+@click.option("--kernel", type=click.Choice(["imq", "rbf"]), default="imq", show_default=True, help="IMQ (c=1, beta=-1/2) or RBF with the median-heuristic bandwidth.")
+@click.option("--n-bootstrap", type=click.IntRange(min=10), default=500, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=4), default=None, help="Test a random subset of this size (the test is O(n^2)).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def gof(data, target, test_name, kernel, n_bootstrap, alpha, seed, max_samples, as_json) -> None:
+    """Goodness-of-fit test of the samples in DATA against a named target density.
+
+    H0: the rows are i.i.d. draws from the target. Prints the statistic (KSD^2 U-statistic, or maxSKSD) and its
+    p-value, which counts the observed statistic among the bootstrap draws and so is never 0.
+    """
+    import json
+
+    _setup()
+    from tasks.gof import goodness_of_fit
+
+    try:
+        out = goodness_of_fit(data, target=target, test=test_name, kernel=kernel, n_bootstrap=n_bootstrap,
+                              alpha=alpha, seed=seed, max_samples=max_samples)
+    except ConfigError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    verdict = "reject" if out["reject"] else "do not reject"
+    click.echo(f"{out['test'].upper()} goodness-of-fit test of {data} (n={out['n']}, d={out['d']}) against {target}, {kernel} kernel")
+    click.echo(f"  statistic {out['statistic']:.6g}   p-value {out['p_value']:.4f}   ({verdict} H0 at alpha={alpha})")
+
+
 @main.group()
 def bench() -> None:
     """Micro-benchmarks of stein_core (the pipeline benchmark is bench/bench_pipeline.py)."""

@@ -97,6 +97,7 @@ class AnnealedLangevinSample(_Section):
 class GMMEvaluate(_Section):
     seed: int = 3
     n_eval: int = Field(2000, ge=4, description="samples used for KSD/MMD (and the same number of test points)")
+    n_bootstrap: int = Field(200, ge=10, description="wild-bootstrap draws (KSD test) and permutations (MMD test)")
     kernel: Literal["imq", "rbf"] = "imq"
     imq_c: float = Field(1.0, gt=0)
     imq_beta: float = Field(-0.5, lt=0)

@@ -1,5 +1,8 @@
 """Evaluate stage for the toy mixtures: KSD against the true score, MMD against held-out data, mode weights.
 
+KSD comes with its goodness-of-fit p-value (wild bootstrap) and MMD with its two-sample p-value (permutations),
+all from ``stein_core``: the pipeline has one implementation of each statistic.
+
 Every metric is reported twice: for the model's samples and, as the reference a perfect model would reach, for
 held-out test points of the same size. The test set is split into two disjoint halves: the reference half plays
 the model's part, the other half is the MMD comparison set for both.
@@ -29,15 +32,19 @@ def make_kernel(cfg: GMMEvaluate, pooled=None):
     return RBF(bandwidth=bandwidth)
 
 
-def mixture_metrics(x, *, mixture, reference, kernel, heavy: int) -> dict[str, float]:
-    """KSD² (U) of ``x`` against the mixture's score, MMD² (U) to ``reference``, weight of the heavy mode."""
-    from stein_core import ksd, mmd
+def mixture_metrics(x, *, mixture, reference, kernel, heavy: int, n_bootstrap: int, generator) -> dict[str, float]:
+    """KSD² (U) of ``x`` against the mixture's score with its wild-bootstrap p-value, MMD² (U) to ``reference``
+    with its permutation p-value, and the fraction of ``x`` nearest the heavy mode."""
+    from stein_core import ksd_test, mmd_permutation_test
 
-    weight = (mixture.nearest_component(x) == heavy).double().mean().item()
+    ksd_res = ksd_test(x, mixture.score(x), kernel, n_bootstrap=n_bootstrap, generator=generator)
+    mmd_res = mmd_permutation_test(x, reference, kernel, n_permutations=n_bootstrap, generator=generator)
     return {
-        "ksd": ksd(x, mixture.score(x), kernel, statistic="u").item(),
-        "mmd": mmd(x, reference, kernel, statistic="u").item(),
-        "weight": weight,
+        "ksd": float(ksd_res.statistic),
+        "ksd_p_value": float(ksd_res.p_value),
+        "mmd": float(mmd_res.statistic),
+        "mmd_p_value": float(mmd_res.p_value),
+        "weight": (mixture.nearest_component(x) == heavy).double().mean().item(),
     }
 
 
@@ -76,16 +83,14 @@ def evaluate_gmm(
     ref_model = ref_model[:n]
     kernel = make_kernel(cfg, torch.cat([x, ref_cmp]))
 
-    model_m = mixture_metrics(x, mixture=mixture, reference=ref_cmp, kernel=kernel, heavy=heavy)
-    ref_m = mixture_metrics(ref_model, mixture=mixture, reference=ref_cmp, kernel=kernel, heavy=heavy)
+    kw = {"mixture": mixture, "reference": ref_cmp, "kernel": kernel, "heavy": heavy, "n_bootstrap": cfg.n_bootstrap, "generator": gen}
+    model_m = mixture_metrics(x, **kw)
+    ref_m = mixture_metrics(ref_model, **kw)
     metrics = {
-        "ksd": model_m["ksd"],
-        "mmd": model_m["mmd"],
-        "weight": model_m["weight"],
+        **model_m,
         "weight_error": abs(model_m["weight"] - true_weight),
         "true_weight": true_weight,
-        "ref_ksd": ref_m["ksd"],
-        "ref_mmd": ref_m["mmd"],
+        **{f"ref_{k}": v for k, v in ref_m.items()},
         "ref_weight_error": abs(ref_m["weight"] - true_weight),
         "n_eval": float(n),
     }
