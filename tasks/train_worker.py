@@ -1,0 +1,112 @@
+"""The per-worker training loop of the train stage (runs inside Ray Train workers).
+
+Kept apart from :mod:`tasks.train` so that a worker, which imports this module to unpickle the loop, does not
+import Prefect: every import here is paid once per worker process at the start of each fit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import NCSNTrain
+
+STATE_FILE = "state.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker. ``config``: train (NCSNTrain as dict), data_path, threads, mlflow run_id/uri."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from stein_core import NoiseConditionalMLP, geometric_sigmas, get_dsm_loss_fn
+    from tasks.io import read_dataset
+
+    cfg = NCSNTrain(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    data = torch.from_numpy(read_dataset(config["data_path"]).x).to(device)  # [n, d]
+    n, dim = data.shape
+    sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_sigmas, device=device)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    net = NoiseConditionalMLP(dim=dim, hidden=cfg.hidden, n_layers=cfg.n_layers, embed_dim=cfg.embed_dim)
+    model_args = dict(net.model_args)
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    loss_fn = get_dsm_loss_fn(sigmas)
+
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming after a worker-group failure
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["step"], [tuple(h) for h in state["history"]]
+    # Each rank draws its own minibatches; the generator state is a pure function of (seed, rank, step).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank * 7919 + start)
+    per_rank_batch = max(1, cfg.batch_size // world)
+
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    running, count, t0 = 0.0, 0, time.perf_counter()
+    loop_start = time.perf_counter()
+    for step in range(start, cfg.n_steps):
+        idx = torch.randint(n, (per_rank_batch,), generator=gen, device=device)
+        loss = loss_fn(model, data[idx], generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += loss.item()
+        count += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.n_steps:
+            mean_loss = running / count
+            history.append((done, mean_loss))
+            if rank == 0:
+                rate = count * per_rank_batch * world / (time.perf_counter() - t0)
+                print(f"[train] step {done}/{cfg.n_steps}  dsm_loss {mean_loss:.4f}  {rate:,.0f} samples/s", flush=True)
+                if client is not None:
+                    from mlflow.entities import Metric
+
+                    ts = int(time.time() * 1000)
+                    client.log_batch(
+                        config["mlflow_run_id"],
+                        metrics=[Metric("train/dsm_loss", mean_loss, ts, done), Metric("train/samples_per_s", rate, ts, done)],
+                    )
+            running, count, t0 = 0.0, 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.n_steps:
+            metrics = {"step": done, "dsm_loss": history[-1][1] if history else float("nan")}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    state = {
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": done,
+                        "history": [list(h) for h in history],
+                        "model_args": model_args,
+                        "sigmas": sigmas.cpu().tolist(),
+                        "loop_seconds": time.perf_counter() - loop_start,
+                    }
+                    torch.save(state, Path(d) / STATE_FILE)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
