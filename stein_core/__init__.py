@@ -3,98 +3,44 @@
 No I/O and no orchestration imports (prefect, ray, mlflow, dvc, pyarrow,
 pydantic, config layers): tensors in, tensors out; device and dtype come from
 the inputs; randomness from an explicit ``torch.Generator``.
+
+Modules: ``kernels`` (RBF, IMQ, sums, deep kernels, closed-form derivatives),
+``distributions`` (Gaussian mixtures, log-density -> score), ``discrepancies``
+(KSD, sliced KSD / maxSKSD, MMD), ``tests_stat`` (wild-bootstrap and
+permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
+``score_matching`` (exact, denoising, sliced score matching), ``samplers``
+(ULA, MALA, RWMH, underdamped Langevin, HMC, annealed Langevin), ``nets``
+(noise-conditional MLP and conv score networks), ``ema`` (weight averaging).
+Each module's ``__all__`` is re-exported here.
 """
 
-from .discrepancies import get_ksd_fn, get_mmd_fn, ksd, mmd, stein_kernel_matrix
-from .distributions import GaussianMixture, score_from_log_prob
-from .kernels import (
-    IMQ,
-    RBF,
-    DeepKernel,
-    RadialKernel,
-    SumKernel,
-    grad_x_sum_autograd,
-    gram_and_grad_x_sum,
-    imq_mixture,
-    median_heuristic,
-    sq_dists,
+from . import (
+    discrepancies,
+    distributions,
+    ema,
+    kernels,
+    nets,
+    samplers,
+    score_estimators,
+    score_matching,
+    tests_stat,
 )
-from .nets import NoiseConditionalMLP
-from .samplers import annealed_langevin, langevin_step
-from .score_estimators import (
-    SSGE,
-    fit_ssge,
-    fit_stein_gradient,
-    ssge,
-    stein_gradient_estimator,
-    stein_gradient_predict,
-)
-from .score_matching import geometric_sigmas, get_dsm_loss_fn
-from .discrepancies import (
-    LinearStatistic,
-    MaxSKSDResult,
-    get_sksd_fn,
-    ksd_linear,
-    maxsksd,
-    median_rbf,
-    mmd_linear,
-    sksd,
-    sliced_stein_kernel_matrix,
-)
-from .tests_stat import (
-    KernelTestResult,
-    SlicedTestResult,
-    ksd_test,
-    mmd_permutation_test,
-    sksd_test,
-    wild_bootstrap,
-)
+from .discrepancies import *  # noqa: F403
+from .distributions import *  # noqa: F403
+from .ema import *  # noqa: F403
+from .kernels import *  # noqa: F403
+from .nets import *  # noqa: F403
+from .samplers import *  # noqa: F403
+from .score_estimators import *  # noqa: F403
+from .score_matching import *  # noqa: F403
+from .tests_stat import *  # noqa: F403
 
-__all__ = [
-    "GaussianMixture",
-    "IMQ",
-    "NoiseConditionalMLP",
-    "RBF",
-    "RadialKernel",
-    "annealed_langevin",
-    "geometric_sigmas",
-    "get_dsm_loss_fn",
-    "get_ksd_fn",
-    "get_mmd_fn",
-    "ksd",
-    "langevin_step",
-    "median_heuristic",
-    "mmd",
-    "score_from_log_prob",
-    "sq_dists",
-    "stein_kernel_matrix",
-    # kernels (issue 3)
-    "DeepKernel",
-    "SumKernel",
-    "grad_x_sum_autograd",
-    "gram_and_grad_x_sum",
-    "imq_mixture",
-    # score estimators (issue 3)
-    "SSGE",
-    "fit_ssge",
-    "fit_stein_gradient",
-    "ssge",
-    "stein_gradient_estimator",
-    "stein_gradient_predict",
-    # discrepancies and kernel tests (issue 3)
-    "LinearStatistic",
-    "MaxSKSDResult",
-    "get_sksd_fn",
-    "ksd_linear",
-    "maxsksd",
-    "median_rbf",
-    "mmd_linear",
-    "sksd",
-    "sliced_stein_kernel_matrix",
-    "KernelTestResult",
-    "SlicedTestResult",
-    "ksd_test",
-    "mmd_permutation_test",
-    "sksd_test",
-    "wild_bootstrap",
-]
+__all__ = sorted(
+    {
+        name
+        for module in (
+            discrepancies, distributions, ema, kernels, nets, samplers, score_estimators, score_matching, tests_stat,
+        )
+        for name in module.__all__
+    }
+)

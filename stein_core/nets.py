@@ -1,6 +1,7 @@
 """Small score networks.
 
-Shapes: ``x [n, d]``, ``sigma [n]`` or scalar, output ``[n, d]``.
+Shapes: ``x [n, d]`` (MLP) or ``[n, C, H, W]`` / flattened ``[n, C*H*W]`` (conv net), ``sigma [n]`` or
+scalar; the output has the shape of ``x``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["NoiseConditionalMLP"]
+__all__ = ["NoiseConditionalConvNet", "NoiseConditionalMLP"]
 
 
 class NoiseConditionalMLP(nn.Module):
@@ -68,12 +70,7 @@ class NoiseConditionalMLP(nn.Module):
         self.act = nn.SiLU()
 
     def _sigma(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(x.shape[0])
-        if s.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or [n={x.shape[0]}], got {tuple(s.shape)}")
-        return s
+        return _sigma_vector(x, sigma)
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Score estimate: ``x [n, d]``, ``sigma`` scalar or ``[n]`` -> ``[n, d]``."""
@@ -85,3 +82,184 @@ class NoiseConditionalMLP(nn.Module):
         for lin, cond in zip(self.hidden_layers, self.cond[1:]):
             h = self.act(lin(h) + cond(emb))
         return self.out(h) / s[:, None]
+
+
+def _sigma_vector(x: Tensor, sigma: Tensor | float) -> Tensor:
+    """``sigma`` (scalar or ``[n]``) as a ``[n]`` tensor with the dtype and device of ``x [n, ...]``."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or [n={x.shape[0]}], got {tuple(s.shape)}")
+    return s
+
+
+def _group_count(channels: int) -> int:
+    """GroupNorm groups: the most of 32, 16, ..., 1 that divide ``channels`` with >= 4 channels per group."""
+    for g in (32, 16, 8, 4, 2):
+        if channels % g == 0 and channels // g >= 4:
+            return g
+    return 1
+
+
+class _ResBlock(nn.Module):
+    """Pre-activation residual block ``GN-SiLU-conv3x3, + emb, GN-SiLU-conv3x3`` (Ho et al. 2020 without dropout).
+
+    The noise embedding enters as a per-channel bias after the first convolution. The second convolution
+    starts at zero, so every block starts as the identity (or its 1x1 projection).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_group_count(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(_group_count(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        # h [n, in_ch, H, W], emb [n, emb_dim] (already passed through SiLU) -> [n, out_ch, H, W]
+        out = self.conv1(self.act(self.norm1(h)))
+        out = out + self.emb(emb)[:, :, None, None]
+        out = self.conv2(self.act(self.norm2(out)))
+        return self.skip(h) + out
+
+
+class NoiseConditionalConvNet(nn.Module):
+    """Noise-conditional convolutional score network for images, ``s_theta(x, sigma) = f_theta(x, sigma) / sigma``.
+
+    A small U-Net (Ronneberger et al. 2015) in the form used by score models (Ho et al., NeurIPS 2020;
+    NCSNv2, Song & Ermon, NeurIPS 2020, uses a RefineNet of the same shape): one resolution level per entry of
+    ``channel_mults``, ``num_res_blocks`` residual blocks per level (GroupNorm, SiLU, 3x3 convolutions), a
+    stride-2 convolution between levels, two blocks at the coarsest level, then the mirror path that
+    upsamples (nearest, to the exact size of the skip, then a 3x3 convolution), concatenates the skip of the
+    same level and applies ``num_res_blocks`` blocks. Stride-2 convolutions give ``ceil(H / 2)``, so odd sizes
+    work (28 -> 14 -> 7 -> 4 and back to 28).
+
+    The noise level enters as in :class:`NoiseConditionalMLP`: sinusoidal features of ``log sigma`` at
+    ``embed_dim // 2`` geometric frequencies from 1/4 to 16, a two-layer MLP to ``4 * base_channels``, and a
+    per-channel bias in every residual block. The input is scaled by ``1 / sqrt(1 + sigma^2)`` and the output
+    divided by ``sigma`` (NCSNv2, Technique 3), so ``f_theta`` predicts ``-z`` under
+    :func:`~stein_core.score_matching.get_dsm_loss_fn`. The last convolution starts at zero: the initial
+    score is 0 and the initial ``sigma^2``-weighted DSM loss is ``d / 2``.
+
+    Args:
+        in_channels: image channels ``C``.
+        image_size: ``H = W`` (an int) or ``(H, W)``; used to reshape flattened inputs.
+        base_channels: channels of the first level.
+        channel_mults: channel multiplier per level; ``len(channel_mults)`` levels, ``len - 1`` downsamplings.
+        num_res_blocks: residual blocks per level on each path.
+        embed_dim: size of the sinusoidal embedding (even, >= 2).
+
+    Suggested sizes (parameter counts in the tests): 8x8 digits ``base_channels=32, channel_mults=(1, 2, 2)``
+    (8 -> 4 -> 2); 28x28 MNIST ``base_channels=32, channel_mults=(1, 2, 2)`` (28 -> 14 -> 7);
+    32x32 colour ``base_channels=64, channel_mults=(1, 2, 2, 2)`` (32 -> 16 -> 8 -> 4).
+
+    ``self.model_args`` holds the constructor arguments (plain ints and lists), so that
+    ``NoiseConditionalConvNet(**ckpt["model_args"])`` rebuilds the network from a ``weights_only`` checkpoint.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int | tuple[int, int] = 8,
+        base_channels: int = 32,
+        channel_mults: tuple[int, ...] | list[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        embed_dim: int = 32,
+    ) -> None:
+        super().__init__()
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        mults = [int(m) for m in channel_mults]
+        if in_channels < 1 or base_channels < 1 or num_res_blocks < 1:
+            raise ValueError("in_channels, base_channels and num_res_blocks must be >= 1")
+        if len(hw) != 2 or min(hw) < 1:
+            raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+        if not mults or min(mults) < 1:
+            raise ValueError(f"channel_mults must be a non-empty list of positive ints, got {channel_mults!r}")
+        if embed_dim < 2 or embed_dim % 2:
+            raise ValueError(f"embed_dim must be even and >= 2, got {embed_dim}")
+        if min(hw) < 2 ** (len(mults) - 1):
+            raise ValueError(
+                f"{len(mults)} levels halve the image {len(mults) - 1} times; {hw[0]}x{hw[1]} is too small"
+            )
+        self.model_args = {
+            "in_channels": int(in_channels),
+            "image_size": hw[0] if hw[0] == hw[1] else list(hw),
+            "base_channels": int(base_channels),
+            "channel_mults": mults,
+            "num_res_blocks": int(num_res_blocks),
+            "embed_dim": int(embed_dim),
+        }
+        self.image_shape = (int(in_channels), hw[0], hw[1])  # (C, H, W)
+        emb_dim = 4 * base_channels
+        freqs = torch.exp(torch.linspace(math.log(0.25), math.log(16.0), embed_dim // 2))
+        self.register_buffer("freqs", freqs)  # [embed_dim/2]
+        self.embed = nn.Sequential(nn.Linear(embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.act = nn.SiLU()
+
+        chans = [base_channels * m for m in mults]  # channels per level
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        ch = base_channels
+        for i, c in enumerate(chans):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(_ResBlock(ch, c, emb_dim))
+                ch = c
+            self.down.append(blocks)
+            if i < len(chans) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid = nn.ModuleList([_ResBlock(ch, ch, emb_dim), _ResBlock(ch, ch, emb_dim)])
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            c = chans[i]
+            blocks = nn.ModuleList()
+            for j in range(num_res_blocks):
+                blocks.append(_ResBlock(ch + c if j == 0 else c, c, emb_dim))  # the skip joins the first block
+                ch = c
+            self.up.append(blocks)
+            if i > 0:
+                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+        self.norm_out = nn.GroupNorm(_group_count(ch), ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """Score estimate: ``x [n, C, H, W]`` or ``[n, C*H*W]``, ``sigma`` scalar or ``[n]`` -> shape of ``x``."""
+        shape = x.shape
+        if x.ndim == 2 and x.shape[1] == math.prod(self.image_shape):
+            x = x.reshape((x.shape[0],) + self.image_shape)  # [n, C, H, W]
+        elif x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            c, hh, ww = self.image_shape
+            raise ValueError(f"x must be [n, {c}, {hh}, {ww}] or [n, {c * hh * ww}], got {tuple(shape)}")
+        s = _sigma_vector(x, sigma)  # [n]
+        ang = torch.log(s)[:, None] * self.freqs.to(x.dtype)  # [n, embed_dim/2]
+        emb = self.act(self.embed(torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)))  # [n, 4*base]
+
+        h = self.conv_in(x * torch.rsqrt(1.0 + s * s)[:, None, None, None])  # [n, base, H, W]
+        skips = []
+        for i, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb)  # [n, chans[i], H_i, W_i]
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)  # [n, chans[i], ceil(H_i/2), ceil(W_i/2)]
+        for block in self.mid:
+            h = block(h, emb)
+        for k, blocks in enumerate(self.up):
+            skip = skips.pop()  # the level this path is at
+            if k > 0:  # back up one level: nearest to the skip's exact size (odd sizes), then a 3x3 conv
+                h = self.upsample[k - 1](F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+            h = torch.cat([h, skip], dim=1)
+            for block in blocks:
+                h = block(h, emb)
+        out = self.conv_out(self.act(self.norm_out(h)))  # [n, C, H, W]
+        return (out / s[:, None, None, None]).reshape(shape)

@@ -13,6 +13,20 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """One torch thread in the test process. The suite runs on 2-core machines beside other processes (the
+    end-to-end test's Prefect server and Ray workers, other jobs): intra-op threads then only add
+    synchronisation, measured here at 4-15x slower for small convolutions and for sampler loops on
+    [4000, 2] tensors. Pipeline stages started as subprocesses keep their own runtime settings."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -1,4 +1,4 @@
-"""Langevin step and annealed Langevin dynamics."""
+"""Samplers: Langevin step, annealed Langevin, and the (init_fn, step_fn) MCMC samplers with run_chain."""
 
 import math
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from stein_core import GaussianMixture, annealed_langevin, geometric_sigmas, langevin_step, score_from_log_prob
+from stein_core.samplers import hmc, mala, run_chain, rwmh, tempered, ula, underdamped_langevin
+
 
 # Recommended settings (see the annealed_langevin docstring).
 SIGMAS = dict(sigma_max=20.0, sigma_min=0.1, n_levels=10)
@@ -143,3 +145,289 @@ def test_annealed_langevin_validation():
         annealed_langevin(lambda y, s: -y, x0, [1.0], eps=0.0, n_steps_each=1)
     with pytest.raises(ValueError):
         annealed_langevin(lambda y, s: -y, x0, [1.0], eps=0.1, n_steps_each=0)
+
+
+# ---------------------------------------------------------------------------
+# (init_fn, step_fn) samplers on a correlated 2-D Gaussian.
+#
+# Statistical design: C = 4000 independent chains start from N(0, I) (away from the
+# target mean), run a burn-in and then T kept steps. For a statistic f, each chain's
+# time average g_c = mean_t f(x_t) is independent of the other chains', so the pooled
+# estimate mean_c g_c has standard error SE = std_c(g_c) / sqrt(C) whatever the
+# autocorrelation inside a chain (batch means with one batch per chain; this SE is
+# sqrt(var f * tau / (T C)) with tau the integrated autocorrelation time, i.e. it
+# shrinks with the effective sample size). We check f = x (mean) and
+# f = (x - m)(x - m)^T about the known stationary mean m (its expectation is exactly
+# the stationary covariance) within 4.5 SE per entry, and require SE < 2% of the
+# scale (sqrt(S_ii S_jj)) so that a loose, noisy check cannot pass by accident.
+# ---------------------------------------------------------------------------
+MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
+SIGMA = torch.tensor([[1.0, 1.6], [1.6, 4.0]], dtype=torch.float64)  # diag(1, 2) [[1, .8], [.8, 1]] diag(1, 2)
+PREC = torch.linalg.inv(SIGMA)  # eigenvalues 0.213 and 3.257 (covariance eigenvalues 4.69 and 0.307)
+N_CHAINS, N_SE, MAX_REL_SE = 4000, 4.5, 0.02
+
+
+def gauss_log_p(x):
+    """Unnormalised log N(x; MU, SIGMA): [*chains, 2] -> [*chains]."""
+    d = x - MU.to(x)
+    return -0.5 * ((d @ PREC.to(x)) * d).sum(-1)
+
+
+def gauss_score(x):
+    """Closed-form score -PREC (x - MU): [*chains, 2] -> [*chains, 2]."""
+    return -(x - MU.to(x)) @ PREC.to(x)
+
+
+def start(seed, n=N_CHAINS):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=gen, dtype=torch.float64), gen
+
+
+def pooled_moments(samples, centre):
+    """samples [T, C, d] -> (mean [d], SE [d], cov [d, d], SE [d, d]) from per-chain time averages."""
+    d = samples - centre
+    g_mean = samples.mean(0)  # [C, d]
+    g_cov = (d[..., :, None] * d[..., None, :]).mean(0)  # [C, d, d]
+    c = samples.shape[1]
+    return (g_mean.mean(0), g_mean.std(0) / math.sqrt(c), g_cov.mean(0), g_cov.std(0) / math.sqrt(c))
+
+
+def assert_moments(samples, mean, cov):
+    m, m_se, c, c_se = pooled_moments(samples, mean)
+    scale = cov.diagonal().sqrt()
+    assert (m_se / scale).max() < MAX_REL_SE and (c_se / torch.outer(scale, scale)).max() < MAX_REL_SE
+    assert ((m - mean).abs() / m_se).max() < N_SE, (m, mean, m_se)
+    assert ((c - cov).abs() / c_se).max() < N_SE, (c, cov, c_se)
+    return m, m_se, c, c_se
+
+
+def test_ula_matches_its_exact_stationary_covariance():
+    # ULA on N(mu, P^-1): x' - mu = (I - hP)(x - mu) + sqrt(2h) z, linear, so the stationary law is
+    # N(mu, S_h) with S_h = (I - hP) S_h (I - hP) + 2h I. Everything commutes with P, hence
+    # S_h = 2h (I - (I - hP)^2)^-1 = 2h (2hP - h^2 P^2)^-1 = (P (I - hP/2))^-1 (1-D: v / (1 - h / 2v)).
+    # h = 0.2: S_h[0, 0] = 1.14 vs 1 for the target. Burn-in: the slowest mode contracts by
+    # 1 - h * 0.213 per step, 0.957^200 = 2e-4 of an initial offset of ~3: negligible vs SE ~5e-3.
+    h = 0.2
+    s_h = torch.linalg.inv(PREC @ (torch.eye(2, dtype=torch.float64) - h * PREC / 2))
+    x0, gen = start(10)
+    res = run_chain(*ula(gauss_score, h), x0, 300, burn_in=200, generator=gen)
+    assert res.samples.shape == (300, N_CHAINS, 2) and res.accept_rate is None
+    _, _, c, c_se = assert_moments(res.samples, MU, s_h)
+    # The check is sharp enough to see the O(h) bias: the target covariance is rejected (z ~ 30).
+    assert ((c - SIGMA).abs() / c_se).max() > 10
+
+
+def test_ula_sampler_is_langevin_step():
+    # One implementation of the ULA update: the sampler's chain is the langevin_step chain.
+    x0, _ = start(11, n=5)
+    init, step = ula(gauss_score, 0.1)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    state, x = init(x0, generator=g1), x0
+    for _ in range(5):
+        state, x = step(state, generator=g1), langevin_step(gauss_score, x, 0.1, generator=g2)
+    torch.testing.assert_close(state.position, x, rtol=0, atol=0)
+    torch.testing.assert_close(state.score, gauss_score(x), rtol=0, atol=0)
+
+
+def test_mala_matches_target_closed_form_and_autograd_score():
+    x0, gen = start(12)
+    res = run_chain(*mala(gauss_log_p, 0.3, score_fn=gauss_score), x0, 300, burn_in=200, generator=gen)
+    assert_moments(res.samples, MU, SIGMA)
+    assert res.accept_rate.shape == (N_CHAINS,)
+    assert res.mean_accept_rate == pytest.approx(res.accept_rate.mean().item())
+    assert 0.6 < res.mean_accept_rate < 0.95  # measured 0.79
+    # The autograd score (score_from_log_prob) gives the same chain.
+    auto = run_chain(*mala(gauss_log_p, 0.3), x0[:50], 20, generator=torch.Generator().manual_seed(0))
+    ref = run_chain(*mala(gauss_log_p, 0.3, score_fn=gauss_score), x0[:50], 20,
+                    generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(auto.samples, ref.samples, rtol=1e-12, atol=1e-12)
+
+
+def test_mala_huge_step_low_acceptance_but_no_bias():
+    # With h = 2 the ULA proposal alone is unstable (h > 2 / lambda_max(P) = 0.61), so almost all
+    # proposals are rejected, but the MH correction keeps p invariant at any step. The chains start
+    # from exact draws of p (a huge-step MALA started far away converges very slowly: a mixing
+    # problem, not a bias), so any drift away from p would be a bias. The SE comes from the chains
+    # as before and reflects the small effective sample size (SE ~1% of the scale with 10% acceptance).
+    # Dropping the q(x|y) / q(y|x) correction makes this test fail with z ~ 30-50.
+    gen = torch.Generator().manual_seed(13)
+    x0 = MU + torch.randn(N_CHAINS, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(SIGMA).T
+    res = run_chain(*mala(gauss_log_p, 2.0, score_fn=gauss_score), x0, 400, generator=gen)
+    assert res.mean_accept_rate < 0.2  # measured 0.106 (0.79 at h = 0.3)
+    assert res.accept_rate.max() < 0.5
+    assert_moments(res.samples, MU, SIGMA)
+
+
+def test_rwmh_matches_target():
+    x0, gen = start(14)
+    res = run_chain(*rwmh(gauss_log_p, 1.0), x0, 400, burn_in=300, generator=gen)
+    assert_moments(res.samples, MU, SIGMA)
+    assert 0.35 < res.mean_accept_rate < 0.65  # measured 0.50
+
+
+def test_hmc_matches_target_with_high_acceptance():
+    x0, gen = start(15)
+    res = run_chain(*hmc(gauss_log_p, 0.3, 8, score_fn=gauss_score), x0, 150, burn_in=50, generator=gen)
+    assert_moments(res.samples, MU, SIGMA)
+    assert res.mean_accept_rate > 0.9  # measured 0.977
+    # Near the leapfrog stability limit (eps = 1.0 vs 1.11) energy errors lower the acceptance but
+    # the MH correction keeps p invariant: started from exact draws, the moments stay on target
+    # (as for MALA below). Scaling |p'|^2 by 0.9 in the ratio fails here with z ~ 13.
+    x0 = MU + torch.randn(N_CHAINS, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(SIGMA).T
+    res = run_chain(*hmc(gauss_log_p, 1.0, 3, score_fn=gauss_score), x0, 200, generator=gen)
+    assert res.mean_accept_rate < 0.85  # measured 0.74
+    assert_moments(res.samples, MU, SIGMA)
+    # A leapfrog step beyond the stability limit eps < 2 / sqrt(lambda_max(P)) = 1.11 is rejected.
+    bad = run_chain(*hmc(gauss_log_p, 1.3, 8, score_fn=gauss_score), x0[:200], 20,
+                    generator=torch.Generator().manual_seed(0))
+    assert bad.mean_accept_rate < 0.05
+
+
+def test_underdamped_langevin_exact_stationary_law():
+    # BAOAB on a Gaussian target is a linear map z' = M z + N xi of z = (x - mu, p); its stationary
+    # covariance solves the discrete Lyapunov equation S = M S M^T + N N^T, i.e.
+    # vec S = (I - M kron M)^-1 vec(N N^T). For BAOAB the position block is exactly SIGMA (no
+    # discretisation bias for Gaussians) and the momentum block is I - h^2 P / 4 (0.9375 here, vs 1).
+    h, gamma = 0.3, 1.0
+    eye, zero = torch.eye(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
+    c = math.exp(-gamma * h)
+    b_ = torch.block_diag(eye, eye) + torch.cat([torch.cat([zero, zero], 1), torch.cat([-h / 2 * PREC, zero], 1)])
+    a_ = torch.block_diag(eye, eye) + torch.cat([torch.cat([zero, h / 2 * eye], 1), torch.cat([zero, zero], 1)])
+    o_ = torch.block_diag(eye, c * eye)
+    m = b_ @ a_ @ o_ @ a_ @ b_
+    n = b_ @ a_ @ torch.block_diag(zero, math.sqrt(1 - c * c) * eye)
+    s = torch.linalg.solve(torch.eye(16, dtype=torch.float64) - torch.kron(m, m), (n @ n.T).reshape(-1)).reshape(4, 4)
+    torch.testing.assert_close(s[:2, :2], SIGMA, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s[2:, 2:], eye - h**2 * PREC / 4, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s[:2, 2:], zero, rtol=0, atol=1e-10)
+
+    # Per-chain momentum second moments, accumulated after burn-in through the callback.
+    burn, n_keep = 200, 300
+    pp = torch.zeros(N_CHAINS, 2, 2, dtype=torch.float64)
+
+    def accumulate(i, state):
+        if i > burn:
+            pp.add_(state.momentum[:, :, None] * state.momentum[:, None, :])
+
+    x0, gen = start(16)
+    res = run_chain(*underdamped_langevin(gauss_score, h, gamma), x0, n_keep, burn_in=burn,
+                    generator=gen, callback=accumulate)
+    assert_moments(res.samples, MU, SIGMA)
+    g = pp / n_keep  # [C, 2, 2]
+    est, se = g.mean(0), g.std(0) / math.sqrt(N_CHAINS)
+    assert ((est - s[2:, 2:]).abs() / se).max() < N_SE
+    assert ((est - eye).abs() / se).max() > 10  # the momentum bias is resolved
+
+
+def test_tempered_targets():
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(tempered(gauss_log_p, 0.25)(x), 0.25 * gauss_log_p(x), rtol=0, atol=0)
+    gmm = mixture()
+    torch.testing.assert_close(tempered(gmm.perturbed_score, 0.5)(x, 0.3), 0.5 * gmm.perturbed_score(x, 0.3))
+    for beta in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError):
+            tempered(gauss_log_p, beta)
+    # p^beta for a Gaussian is N(MU, SIGMA / beta): MALA on the tempered pair targets 2 SIGMA.
+    x0, gen = start(17)
+    sampler = mala(tempered(gauss_log_p, 0.5), 0.4, score_fn=tempered(gauss_score, 0.5))
+    res = run_chain(*sampler, x0, 300, burn_in=200, generator=gen)
+    assert_moments(res.samples, MU, 2 * SIGMA)
+
+
+def _all_samplers():
+    return {
+        "ula": lambda: ula(gauss_score, 0.1),
+        "mala": lambda: mala(gauss_log_p, 0.3, score_fn=gauss_score),
+        "mala_autograd": lambda: mala(gauss_log_p, 0.3),
+        "rwmh": lambda: rwmh(gauss_log_p, 0.8),
+        "hmc": lambda: hmc(gauss_log_p, 0.2, 3),
+        "underdamped": lambda: underdamped_langevin(gauss_score, 0.2, 1.0),
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(_all_samplers()))
+def test_samplers_reproducible_keep_dtype_device_and_batch_shape(name, dtype, device):
+    sampler = _all_samplers()[name]()
+    # Chains over two leading dims: positions [4, 3, 2], log-densities [4, 3].
+    x0 = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    x0_copy = x0.clone()
+
+    def run(seed):
+        return run_chain(*sampler, x0, 6, burn_in=2, thin=2, generator=torch.Generator().manual_seed(seed))
+
+    a = run(0)
+    assert torch.equal(a.samples, run(0).samples)
+    assert not torch.equal(a.samples, run(1).samples)
+    assert torch.equal(x0, x0_copy)
+    assert a.samples.shape == (3, 4, 3, 2)
+    for t in [a.samples, *[f for f in a.state if isinstance(f, torch.Tensor)]]:
+        assert t.device.type == device and not t.requires_grad
+        assert t.dtype == (torch.long if t is getattr(a.state, "n_accepted", None) else dtype)
+    if hasattr(a.state, "n_accepted"):
+        assert a.accept_rate.shape == (4, 3) and a.accept_rate.dtype == dtype
+        assert a.state.log_prob.shape == (4, 3) and a.state.n_steps == 8
+
+
+@pytest.mark.parametrize("name", ["mala", "rwmh", "hmc"])
+def test_mh_samplers_read_event_dims_from_log_prob(name):
+    # Positions [n, 2, 2] with a log-density summing over the last two dims are n chains in R^4:
+    # the same chain as [n, 4] positions (the noise is drawn in the same order).
+    prec = torch.eye(4, dtype=torch.float64) + 0.3
+    flat_lp = lambda x: -0.5 * ((x @ prec) * x).sum(-1)  # noqa: E731
+    make = {"mala": lambda lp: mala(lp, 0.3), "rwmh": lambda lp: rwmh(lp, 0.7), "hmc": lambda lp: hmc(lp, 0.3, 4)}[name]
+    x0 = torch.randn(10, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    flat = run_chain(*make(flat_lp), x0, 15, generator=torch.Generator().manual_seed(3))
+    mat = run_chain(*make(lambda x: flat_lp(x.flatten(-2))), x0.reshape(10, 2, 2), 15,
+                    generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(mat.samples.flatten(-2), flat.samples, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mat.accept_rate, flat.accept_rate, rtol=0, atol=0)
+    assert 0 < flat.mean_accept_rate < 1
+
+
+def test_run_chain_burn_in_thin_callback_and_resume():
+    sampler = mala(gauss_log_p, 0.5, score_fn=gauss_score)
+    x0, _ = start(18, n=6)
+    calls = []
+    res = run_chain(*sampler, x0, 7, burn_in=3, thin=2, generator=torch.Generator().manual_seed(0),
+                    callback=lambda i, s: calls.append((i, s.n_steps)), callback_every=4)
+    assert calls == [(4, 4), (8, 8), (10, 10)]
+    # Reference loop: samples are the states after steps 5, 7, 9.
+    gen = torch.Generator().manual_seed(0)
+    state, kept, acc_at_burn = sampler.init_fn(x0, generator=gen), [], None
+    for i in range(1, 11):
+        if i == 4:
+            acc_at_burn = state.n_accepted
+        state = sampler.step_fn(state, generator=gen)
+        if i in (5, 7, 9):
+            kept.append(state.position)
+    torch.testing.assert_close(res.samples, torch.stack(kept), rtol=0, atol=0)
+    torch.testing.assert_close(res.accept_rate, (state.n_accepted - acc_at_burn).double() / 7, rtol=0, atol=0)
+    # Continuing from the returned state with the same generator is the same chain.
+    gen = torch.Generator().manual_seed(0)
+    first = run_chain(*sampler, x0, 4, generator=gen)
+    second = run_chain(*sampler, first.state, 6, generator=gen)
+    whole = run_chain(*sampler, x0, 10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.cat([first.samples, second.samples]), whole.samples, rtol=0, atol=0)
+    assert second.state.n_steps == 10
+
+
+def test_sampler_validation():
+    with pytest.raises(ValueError):
+        ula(gauss_score, 0.0)
+    with pytest.raises(ValueError):
+        mala(gauss_log_p, -1.0)
+    with pytest.raises(ValueError):
+        rwmh(gauss_log_p, 0.0)
+    with pytest.raises(ValueError):
+        hmc(gauss_log_p, 0.1, 0)
+    with pytest.raises(ValueError):
+        underdamped_langevin(gauss_score, 0.1, 0.0)
+    x0 = torch.zeros(5, 2)
+    with pytest.raises(ValueError):
+        run_chain(*ula(gauss_score, 0.1), x0, 3, thin=0)
+    with pytest.raises(ValueError):
+        run_chain(*ula(gauss_score, 0.1), x0, -1)
+    with pytest.raises(ValueError):  # a log-density that does not return one value per chain
+        mala(lambda x: gauss_log_p(x)[..., None], 0.1).init_fn(x0)
