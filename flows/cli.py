@@ -16,7 +16,6 @@ import click
 from tasks.config import ConfigError
 from tasks.runtime import apply_offline_env, project_root
 
-STAGES = ("prepare", "train", "sample", "evaluate")
 EXIT_USAGE = 2
 
 
@@ -71,7 +70,9 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
     if list_:
         width = max(map(len, PIPELINES))
         for name, spec in PIPELINES.items():
-            click.echo(f"{name:<{width}}  {spec.description}")
+            stages = " -> ".join(st.name for st in spec.stages)
+            upstream = f" (after {spec.upstream})" if spec.upstream else ""
+            click.echo(f"{name:<{width}}  {spec.description}\n{'':<{width}}  stages: {stages}{upstream}")
         return
     root = _setup()
     try:
@@ -90,6 +91,8 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
     with prefect_server():
         from flows.pipeline import reproduce_flow
 
+        from prefect.logging.handlers import APILogWorker
+
         try:
             metrics = reproduce_flow(pipeline=pipeline, force=force)
         except ConfigError as exc:
@@ -97,39 +100,41 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
         except Exception as exc:  # noqa: BLE001 - reported, not swallowed: exit 1
             click.echo(f"error: pipeline {pipeline!r} failed: {exc}", err=True)
             sys.exit(1)
+        finally:
+            APILogWorker.drain_all(timeout=5)  # ship the flow's last log lines while the server is still up
     click.echo("Metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     _print_results(spec, root)
 
 
 def _print_results(spec, root: Path) -> None:
     paths = spec.paths(root)
+    rel = lambda p: p.relative_to(root)  # noqa: E731
     click.echo("Results:")
-    click.echo(f"  metrics   {paths.metrics.relative_to(root)}   (dvc metrics show)")
-    click.echo(f"  plots     {paths.plots.relative_to(root)}/   (dvc plots show)")
-    click.echo(f"  samples   {paths.samples.relative_to(root)}")
-    click.echo(f"  model     {paths.model.relative_to(root)}")
+    click.echo(f"  metrics   {rel(paths.metrics)}   (dvc metrics show)")
+    click.echo(f"  plots     {rel(paths.plots)}/   (dvc plots show)")
+    click.echo(f"  samples   {rel(paths.samples.parent)}/")
+    if spec.upstream:
+        click.echo(f"  model     {rel(paths.model)}   (from pipeline {spec.upstream})")
+    else:
+        click.echo(f"  model     {rel(paths.model)}")
     click.echo("  runs      MLflow store .stein/mlflow.db: `stein ui` opens it on http://127.0.0.1:5000")
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(STAGES))
+@click.argument("stage")
 @click.option("--pipeline", "-p", default="gmm2d", show_default=True, help="Pipeline whose stage to run.")
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="Config file (default conf/<pipeline>.yaml).")
 def stage(stage: str, pipeline: str, config: str | None) -> None:
     """Run one STAGE of a pipeline as a Prefect flow (this is what each dvc.yaml stage calls).
 
-    It runs unconditionally; to rerun a stage only when its inputs changed use `dvc repro <pipeline>-<stage>`.
+    gmm2d's stages are prepare, train, sample and evaluate; `stein run --list` shows every pipeline. The stage
+    runs unconditionally; to rerun it only when its inputs changed use `dvc repro <pipeline>-<stage>`.
     """
     root = _setup()
     try:
-        _validate(pipeline, root, config)
-    except ConfigError as exc:
-        _fail(exc)
-    import importlib
-
-    flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
-    try:
-        flow(pipeline=pipeline, config=config)
+        spec, _ = _validate(pipeline, root, config)
+        flow = spec.stage(stage).load_flow()
+        flow(pipeline=pipeline, config=config, stage=stage)
     except ConfigError as exc:
         _fail(exc)
 

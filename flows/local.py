@@ -41,7 +41,7 @@ def dvc(*args: str, root: Path, env: dict[str, str] | None = None, capture: bool
 def stale_stages(pipeline: str, root: Path) -> list[str] | None:
     """Stages of ``pipeline`` that ``dvc repro`` would run (an empty list: up to date); None if DVC fails."""
     spec = get_pipeline(pipeline)
-    target = spec.dvc_stage(spec.stages[-1])
+    target = spec.final_stage
     proc = dvc("status", "--with-deps", "--json", target, root=root, capture=True)
     if proc.returncode != 0:
         return None

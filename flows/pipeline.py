@@ -40,7 +40,7 @@ def reproduce_flow(pipeline: str = "gmm2d", force: bool = False) -> dict[str, fl
     tags = base_tags(pipeline, root) | {"stein.kind": "pipeline"}
     with mlflow.start_run(experiment_id=exp, run_name=f"pipeline {pipeline}", tags=tags) as run:
         t0 = time.perf_counter()
-        dvc_repro([spec.dvc_stage(spec.stages[-1])], root=root, parent_run_id=run.info.run_id, force=force)
+        dvc_repro([spec.final_stage], root=root, parent_run_id=run.info.run_id, force=force)
         metrics = json.loads(paths.metrics.read_text())
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"pipeline_seconds": time.perf_counter() - t0})
         mlflow.log_artifact(str(paths.metrics))

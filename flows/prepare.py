@@ -12,14 +12,14 @@ from tasks.tracking import stage_run
 
 
 @flow(name="prepare", log_prints=True)
-def prepare_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
-    ctx = load_stage(pipeline, config)
+def prepare_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = "prepare") -> dict:
+    ctx = load_stage(pipeline, config, stage)
     paths = ctx.paths
     outputs = {"train": paths.train, "test": paths.test}
-    with stage_run(pipeline, "prepare", params=ctx.cfg.prepare.model_dump(), outputs=outputs) as run:
+    with stage_run(pipeline, stage, params=ctx.section.model_dump(), outputs=outputs) as run:
         import mlflow
 
         t0 = time.perf_counter()
-        info = prepare_gmm(ctx.cfg.prepare, paths.train, paths.test)
+        info = prepare_gmm(ctx.section, paths.train, paths.test)
         mlflow.log_metrics({k: float(v) for k, v in info.items()} | {"compute_seconds": time.perf_counter() - t0})
     return info | {"mlflow_run_id": run.info.run_id}

@@ -1,43 +1,55 @@
 """The named pipelines, their config files and the artifact paths of each stage.
 
 Adding a pipeline: a config model in ``tasks.config``, a YAML file in ``conf/``, its stages in ``dvc.yaml``
-(named ``<pipeline>-<stage>``) and an entry here.
+(named ``<pipeline>-<stage>``, each running ``python -m flows.cli stage <stage> --pipeline <pipeline>``) and an
+entry here naming each stage's flow and config section.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.config import ConfigError, GMM2dConfig, load_config
+from tasks.config import ConfigError, GMM2dConfig, GMMBlindnessConfig, load_config
 from tasks.runtime import RuntimeSettings, configure_threads, project_root
 
 
 @dataclass(frozen=True)
 class Paths:
+    """Artifact paths of a pipeline. ``upstream`` names the pipeline whose data and model it reuses."""
+
     root: Path
     name: str
+    upstream: str | None = None
 
     def _p(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
     @property
+    def source(self) -> str:
+        return self.upstream or self.name
+
+    @property
     def train(self) -> Path:
-        return self._p("data", self.name, "train.parquet")
+        return self._p("data", self.source, "train.parquet")
 
     @property
     def test(self) -> Path:
-        return self._p("data", self.name, "test.parquet")
+        return self._p("data", self.source, "test.parquet")
 
     @property
     def model(self) -> Path:
-        return self._p("models", self.name, "score_net.pt")
+        return self._p("models", self.source, "score_net.pt")
+
+    def samples_of(self, output: str = "samples") -> Path:
+        return self._p("samples", self.name, f"{output}.parquet")
 
     @property
     def samples(self) -> Path:
-        return self._p("samples", self.name, "samples.parquet")
+        return self.samples_of()
 
     @property
     def metrics(self) -> Path:
@@ -49,24 +61,61 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage: ``stein stage NAME`` and the DVC stage ``<pipeline>-NAME`` run ``flow`` (``module:function``),
+    which reads the config section ``section`` and, for sampling stages, writes ``samples/<pipeline>/<output>``."""
+
+    name: str
+    flow: str
+    section: str
+    output: str = "samples"
+
+    def load_flow(self):
+        module, _, func = self.flow.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _default_stages() -> tuple[Stage, ...]:
+    return (
+        Stage("prepare", "flows.prepare:prepare_flow", "prepare"),
+        Stage("train", "flows.train:train_flow", "train"),
+        Stage("sample", "flows.sample:sample_flow", "sample"),
+        Stage("evaluate", "flows.evaluate:evaluate_flow", "evaluate"),
+    )
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     description: str
     config_model: type[BaseModel]
-    stages: tuple[str, ...] = ("prepare", "train", "sample", "evaluate")
+    stages: tuple[Stage, ...] = field(default_factory=_default_stages)
+    upstream: str | None = None
 
     @property
     def config_file(self) -> str:
         return f"conf/{self.name}.yaml"
 
+    @property
+    def final_stage(self) -> str:
+        """The DVC stage whose reproduction reproduces the whole pipeline (and its upstream)."""
+        return self.dvc_stage(self.stages[-1].name)
+
     def dvc_stage(self, stage: str) -> str:
         return f"{self.name}-{stage}"
+
+    def stage(self, name: str) -> Stage:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        known = ", ".join(st.name for st in self.stages)
+        raise ConfigError("dvc.yaml", None, f"pipeline {self.name!r} has no stage {name!r}; its stages: {known}")
 
     def load_config(self, root: Path, path: str | Path | None = None) -> BaseModel:
         return load_config(Path(path) if path else root / self.config_file, self.config_model)
 
     def paths(self, root: Path) -> Paths:
-        return Paths(root, self.name)
+        return Paths(root, self.name, self.upstream)
 
 
 PIPELINES: dict[str, Pipeline] = {
@@ -78,33 +127,52 @@ PIPELINES: dict[str, Pipeline] = {
             "KSD/MMD/mode-weight evaluation",
             GMM2dConfig,
         ),
+        Pipeline(
+            "gmm2d-blindness",
+            "mixing-proportion blindness (Wenliang & Kanagawa): gmm2d's score network sampled by annealed vs "
+            "single-noise-level Langevin; only the annealed chain recovers the 0.8 weight",
+            GMMBlindnessConfig,
+            stages=(
+                Stage("sample-annealed", "flows.sample:sample_flow", "sample_annealed", "annealed"),
+                Stage("sample-langevin", "flows.sample:langevin_flow", "sample_langevin", "langevin"),
+                Stage("evaluate", "flows.evaluate:blindness_flow", "evaluate"),
+            ),
+            upstream="gmm2d",
+        ),
     )
 }
 
 
 @dataclass(frozen=True)
 class StageContext:
-    """What every stage flow starts from: the pipeline, its validated config, its paths, the runtime."""
+    """What every stage flow starts from: the pipeline, the stage, its validated config, paths, the runtime."""
 
     spec: Pipeline
+    stage: Stage
     root: Path
     cfg: BaseModel
     paths: Paths
     settings: RuntimeSettings
 
     @property
+    def section(self) -> BaseModel:
+        """The config section this stage reads (what dvc.yaml lists as its params)."""
+        return getattr(self.cfg, self.stage.section)
+
+    @property
     def device(self) -> str:
         return "cuda" if self.settings.resolved_use_gpu() else "cpu"
 
 
-def load_stage(pipeline: str, config: str | Path | None = None) -> StageContext:
-    """Resolve the pipeline, validate its config, read the runtime settings and cap the thread count."""
+def load_stage(pipeline: str, config: str | Path | None, stage: str) -> StageContext:
+    """Resolve the pipeline and stage, validate the config, read the runtime settings and cap the threads."""
     spec = get_pipeline(pipeline)
+    st = spec.stage(stage)
     root = project_root()
     cfg = spec.load_config(root, config)
     settings = RuntimeSettings()
     configure_threads(settings.resolved_threads())
-    return StageContext(spec, root, cfg, spec.paths(root), settings)
+    return StageContext(spec, st, root, cfg, spec.paths(root), settings)
 
 
 def get_pipeline(name: str) -> Pipeline:

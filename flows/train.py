@@ -10,18 +10,18 @@ from tasks.train import train_ncsn
 
 
 @flow(name="train", log_prints=True)
-def train_flow(pipeline: str = "gmm2d", config: str | None = None) -> dict:
-    ctx = load_stage(pipeline, config)
+def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = "train") -> dict:
+    ctx = load_stage(pipeline, config, stage)
     paths, settings = ctx.paths, ctx.settings
     with stage_run(
-        pipeline, "train", params=ctx.cfg.train.model_dump(), inputs={"train": paths.train},
+        pipeline, stage, params=ctx.section.model_dump(), inputs={"train": paths.train},
         outputs={"model": paths.model},
     ) as run:
         import mlflow
 
         mlflow.log_params({"runtime.num_workers": settings.num_workers, "runtime.use_gpu": settings.resolved_use_gpu()})
         info = train_ncsn(
-            ctx.cfg.train,
+            ctx.section,
             data_path=paths.train,
             model_path=paths.model,
             loss_csv=paths.plots / "train_loss.csv",

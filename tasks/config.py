@@ -94,6 +94,18 @@ class AnnealedLangevinSample(_Section):
     batch_size: int = Field(4096, ge=1, description="chains advanced together")
 
 
+class LangevinSample(_Section):
+    """Plain Langevin dynamics (ULA) with the learned score at the smallest noise level σ_L only: the baseline
+    that is blind to mixing proportions when modes are far apart (Wenliang & Kanagawa 2021)."""
+
+    seed: int = 4
+    n_samples: int = Field(4000, ge=1)
+    step_size: float = Field(2e-3, gt=0, description="α of x ← x + α s(x, σ_L) + √(2α) z")
+    n_steps: int = Field(1000, ge=1)
+    init_std: float | None = Field(None, gt=0, description="x_0 ~ N(0, init_std² I); default σ_1 of the model")
+    batch_size: int = Field(4096, ge=1)
+
+
 class GMMEvaluate(_Section):
     seed: int = 3
     n_eval: int = Field(2000, ge=4, description="samples used for KSD/MMD (and the same number of test points)")
@@ -108,6 +120,14 @@ class GMM2dConfig(_Section):
     prepare: GMMPrepare = GMMPrepare()
     train: NCSNTrain = NCSNTrain()
     sample: AnnealedLangevinSample = AnnealedLangevinSample()
+    evaluate: GMMEvaluate = GMMEvaluate()
+
+
+class GMMBlindnessConfig(_Section):
+    """gmm2d's score network, sampled two ways; evaluated side by side."""
+
+    sample_annealed: AnnealedLangevinSample = AnnealedLangevinSample()
+    sample_langevin: LangevinSample = LangevinSample()
     evaluate: GMMEvaluate = GMMEvaluate()
 
 

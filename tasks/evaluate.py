@@ -48,6 +48,56 @@ def mixture_metrics(x, *, mixture, reference, kernel, heavy: int, n_bootstrap: i
     }
 
 
+class MixtureEvaluation:
+    """The held-out test set split in two (a perfect model's samples, and the MMD comparison set), the true
+    mixture from its metadata, and one generator: shared by every evaluation of samples against it."""
+
+    def __init__(self, test_path: Path, cfg: GMMEvaluate):
+        import torch
+
+        from stein_core import GaussianMixture
+
+        self.cfg, self.test_path = cfg, test_path
+        self.test = test = read_dataset(test_path)
+        spec = test.metadata.get("mixture")
+        if not isinstance(spec, dict):
+            raise ConfigError(test_path, "mixture", "schema metadata has no mixture specification (written by prepare)")
+        self.mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
+        self.heavy = int(np.argmax(spec["weights"]))
+        self.true_weight = float(spec["weights"][self.heavy])
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        half = len(test) // 2
+        perm = torch.randperm(len(test), generator=self.gen)
+        self.ref_model = torch.from_numpy(test.x)[perm[:half]].double()  # plays a perfect model
+        self.ref_cmp = torch.from_numpy(test.x)[perm[half:]].double()  # the MMD comparison set
+
+    def n_eval(self, n_samples: int) -> int:
+        return min(self.cfg.n_eval, n_samples, len(self.ref_model))
+
+    def _metrics(self, x) -> dict[str, float]:
+        import torch
+
+        kernel = make_kernel(self.cfg, torch.cat([x, self.ref_cmp]))
+        return mixture_metrics(
+            x, mixture=self.mixture, reference=self.ref_cmp, kernel=kernel, heavy=self.heavy,
+            n_bootstrap=self.cfg.n_bootstrap, generator=self.gen,
+        )
+
+    def metrics_of(self, samples, samples_path: Path) -> dict[str, float]:
+        """Metrics of (a seeded subset of) ``samples``."""
+        import torch
+
+        if samples.x.shape[1] != self.test.x.shape[1]:
+            raise ConfigError(samples_path, "x", f"dimension {samples.x.shape[1]} differs from the test set's {self.test.x.shape[1]}")
+        n = self.n_eval(len(samples))
+        x = torch.from_numpy(samples.x)[torch.randperm(len(samples), generator=self.gen)[:n]].double()
+        return self._metrics(x)
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        """The same metrics for ``n`` held-out points: what a perfect model reaches."""
+        return self._metrics(self.ref_model[:n])
+
+
 @task(name="evaluate-gmm", cache_policy=NO_CACHE)
 def evaluate_gmm(
     cfg: GMMEvaluate,
@@ -58,34 +108,12 @@ def evaluate_gmm(
     metrics_path: Path,
     plots_dir: Path,
 ) -> dict[str, float]:
-    import torch
-
-    from stein_core import GaussianMixture
-
-    samples, test = read_dataset(samples_path), read_dataset(test_path)
-    spec = test.metadata.get("mixture")
-    if not isinstance(spec, dict):
-        raise ConfigError(test_path, "mixture", "schema metadata has no mixture specification (written by prepare)")
-    if samples.x.shape[1] != test.x.shape[1]:
-        raise ConfigError(samples_path, "x", f"dimension {samples.x.shape[1]} differs from the test set's {test.x.shape[1]}")
-    mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
-    heavy = int(np.argmax(spec["weights"]))
-    true_weight = float(spec["weights"][heavy])
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_test = len(test)
-    half = n_test // 2
-    perm = torch.randperm(n_test, generator=gen)
-    ref_model = torch.from_numpy(test.x)[perm[:half]].double()  # plays a perfect model
-    ref_cmp = torch.from_numpy(test.x)[perm[half:]].double()  # the MMD comparison set
-    n = min(cfg.n_eval, len(samples), half)
-    x = torch.from_numpy(samples.x)[torch.randperm(len(samples), generator=gen)[:n]].double()
-    ref_model = ref_model[:n]
-    kernel = make_kernel(cfg, torch.cat([x, ref_cmp]))
-
-    kw = {"mixture": mixture, "reference": ref_cmp, "kernel": kernel, "heavy": heavy, "n_bootstrap": cfg.n_bootstrap, "generator": gen}
-    model_m = mixture_metrics(x, **kw)
-    ref_m = mixture_metrics(ref_model, **kw)
+    setup = MixtureEvaluation(test_path, cfg)
+    samples = read_dataset(samples_path)
+    n = setup.n_eval(len(samples))
+    model_m = setup.metrics_of(samples, samples_path)
+    ref_m = setup.reference_metrics(n)
+    true_weight = setup.true_weight
     metrics = {
         **model_m,
         "weight_error": abs(model_m["weight"] - true_weight),
@@ -95,13 +123,73 @@ def evaluate_gmm(
         "n_eval": float(n),
     }
     plot_gmm(
-        data=test.x, samples=samples.x, mixture=mixture, model_path=model_path,
+        data=setup.test.x, samples=samples.x, mixture=setup.mixture, model_path=model_path,
         samples_png=Path(plots_dir) / "samples.png", score_png=Path(plots_dir) / "score_field.png",
         title=f"weight of heavy mode: samples {model_m['weight']:.3f}, true {true_weight:.2f}",
     )
     write_json(metrics_path, metrics)
     log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+@task(name="evaluate-blindness", cache_policy=NO_CACHE)
+def evaluate_blindness(
+    cfg: GMMEvaluate, *, samples_paths: dict[str, Path], test_path: Path, metrics_path: Path, plot_path: Path
+) -> dict[str, float]:
+    """Mixture metrics of several sample sets of one model, keyed ``<metric>_<sampler>``, beside the held-out
+    reference; and one figure with the data and every sample set side by side."""
+    setup = MixtureEvaluation(test_path, cfg)
+    metrics: dict[str, float] = {"true_weight": setup.true_weight}
+    sets = {}
+    for name, path in samples_paths.items():
+        samples = read_dataset(path)
+        sets[name] = samples.x
+        m = setup.metrics_of(samples, path)
+        m["weight_error"] = abs(m["weight"] - setup.true_weight)
+        metrics.update({f"{k}_{name}": v for k, v in m.items()})
+    ref = setup.reference_metrics(setup.n_eval(min(len(x) for x in sets.values())))
+    metrics.update({f"ref_{k}": v for k, v in ref.items()} | {"ref_weight_error": abs(ref["weight"] - setup.true_weight)})
+    plot_sample_sets(
+        {"held-out data": setup.test.x, **{f"{k} (weight {metrics[f'weight_{k}']:.3f})": v for k, v in sets.items()}},
+        mixture=setup.mixture, path=plot_path,
+        title=f"mixing-proportion blindness: true weight of the heavy mode {setup.true_weight:.2f}",
+    )
+    write_json(metrics_path, metrics)
+    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _density_grid(mixture, points: list[np.ndarray], size: int = 200):
+    """A grid covering the first point set (the data) and the central 99% of the others, with the mixture's
+    density on it: (lo, hi, gx, gy, density)."""
+    import torch
+
+    lo = np.min([np.minimum(points[0].min(0), np.percentile(p, 0.5, axis=0)) for p in points], axis=0) - 1.0
+    hi = np.max([np.maximum(points[0].max(0), np.percentile(p, 99.5, axis=0)) for p in points], axis=0) + 1.0
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size))
+    grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).double()
+    return lo, hi, gx, gy, mixture.log_prob(grid).exp().numpy().reshape(gx.shape)
+
+
+def plot_sample_sets(sets: dict[str, np.ndarray], *, mixture, path: Path, title: str) -> None:
+    """Scatter plots of 2-D point sets side by side over the true density's contours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, _, gx, gy, density = _density_grid(mixture, list(sets.values()))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4.6), sharex=True, sharey=True, constrained_layout=True)
+    for i, (ax, (name, pts)) in enumerate(zip(np.atleast_1d(axes), sets.items())):
+        ax.contour(gx, gy, density, levels=8, colors="0.6", linewidths=0.7)
+        k = min(len(pts), 3000)
+        ax.scatter(pts[:k, 0], pts[:k, 1], s=3, alpha=0.4, color=f"C{i}")
+        ax.set_title(f"{name}, n={len(pts)}")
+        ax.set_aspect("equal")
+    fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def plot_gmm(*, data, samples, mixture, model_path, samples_png: Path, score_png: Path, title: str) -> None:
@@ -114,24 +202,8 @@ def plot_gmm(*, data, samples, mixture, model_path, samples_png: Path, score_png
 
     from tasks.sample import load_score_model
 
-    lo = np.minimum(data.min(0), np.percentile(samples, 0.5, axis=0)) - 1.0
-    hi = np.maximum(data.max(0), np.percentile(samples, 99.5, axis=0)) + 1.0
-    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
-    grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).double()
-    density = mixture.log_prob(grid).exp().numpy().reshape(gx.shape)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True, constrained_layout=True)
-    for ax, pts, name in ((axes[0], data, "held-out data"), (axes[1], samples, "annealed Langevin samples")):
-        ax.contour(gx, gy, density, levels=8, colors="0.6", linewidths=0.7)
-        k = min(len(pts), 3000)
-        ax.scatter(pts[:k, 0], pts[:k, 1], s=3, alpha=0.4, color="C0" if name.startswith("held") else "C3")
-        ax.set_title(f"{name} (n={len(pts)})")
-        ax.set_aspect("equal")
-    fig.suptitle(title)
-    with atomic_path(samples_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
+    plot_sample_sets({"held-out data": data, "annealed Langevin samples": samples}, mixture=mixture, path=samples_png, title=title)
+    lo, hi, gx, gy, density = _density_grid(mixture, [data, samples])
     model, sigmas = load_score_model(model_path)
     qx, qy = np.meshgrid(np.linspace(lo[0], hi[0], 25), np.linspace(lo[1], hi[1], 25))
     q = torch.from_numpy(np.stack([qx.ravel(), qy.ravel()], 1)).float()

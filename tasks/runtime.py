@@ -28,6 +28,8 @@ OFFLINE_ENV = {
     # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s of idle time
     # at the start and end of every fit on a small job; 0.5 s costs nothing measurable.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Train V2 re-logs every print() of a worker, which log_to_driver already streams: lines came out twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 

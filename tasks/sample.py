@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import AnnealedLangevinSample
+from tasks.config import AnnealedLangevinSample, LangevinSample
 from tasks.io import file_md5, load_checkpoint, write_dataset
 
 log = logging.getLogger("stein")
@@ -68,3 +68,45 @@ def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, o
     )
     log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
     return {"sample_seconds": seconds, "chain_steps_per_s": n_evals / seconds}
+
+
+@task(name="sample-langevin", cache_policy=NO_CACHE)
+def sample_langevin(cfg: LangevinSample, *, model_path: Path, out_path: Path, device: str = "cpu") -> dict[str, float]:
+    """Unadjusted Langevin dynamics with the learned score at σ_L only: x ← x + α s(x, σ_L) + √(2α) z, from
+    x_0 ~ N(0, init_std² I). The baseline of the mixing-proportion blindness comparison."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from stein_core import langevin_step
+
+    model, sigmas = load_score_model(model_path, device)
+    dim = model.model_args["dim"]
+    sigma_min = sigmas[-1]
+    init_std = cfg.init_std if cfg.init_std is not None else float(sigmas[0])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def score_fn(x):
+        with torch.no_grad():
+            return model(x, sigma_min)
+
+    chunks, t0 = [], time.perf_counter()
+    n_batches = -(-cfg.n_samples // cfg.batch_size)
+    with tqdm(total=n_batches * cfg.n_steps, desc="Langevin at σ_L (steps)", unit="step", mininterval=2.0) as bar:
+        for b in range(n_batches):
+            m = min(cfg.batch_size, cfg.n_samples - b * cfg.batch_size)
+            x = init_std * torch.randn(m, dim, generator=gen, device=device)
+            for _ in range(cfg.n_steps):
+                x = langevin_step(score_fn, x, cfg.step_size, generator=gen)
+                bar.update(1)
+            chunks.append(x.detach().cpu())
+    seconds = time.perf_counter() - t0
+    x = torch.cat(chunks).numpy()
+    write_dataset(
+        out_path, x,
+        metadata={
+            "source": "langevin", "split": "samples", "seed": cfg.seed, "sigma": float(sigma_min),
+            "model_md5": file_md5(model_path), "sampler": cfg.model_dump(),
+        },
+    )
+    log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
+    return {"sample_seconds": seconds, "chain_steps_per_s": cfg.n_samples * cfg.n_steps / seconds}

@@ -31,8 +31,15 @@ def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _set_params(repo: Path, updates: dict) -> None:
-    path = repo / "conf" / "gmm2d.yaml"
+TINY_BLINDNESS = {
+    "sample_annealed": {"n_samples": 300, "n_steps_each": 10, "batch_size": 300},
+    "sample_langevin": {"n_samples": 300, "n_steps": 50, "batch_size": 300},
+    "evaluate": {"n_eval": 200, "n_bootstrap": 50},
+}
+
+
+def _set_params(repo: Path, updates: dict, pipeline: str = "gmm2d") -> None:
+    path = repo / "conf" / f"{pipeline}.yaml"
     raw = yaml.safe_load(path.read_text())
     for section, values in updates.items():
         raw[section].update(values)
@@ -51,6 +58,7 @@ def repo(tmp_path_factory) -> Path:
         p = dst / stale
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     _set_params(dst, TINY)
+    _set_params(dst, TINY_BLINDNESS, "gmm2d-blindness")
     _git(dst, "init", "-q")
     _git(dst, "add", "-A")
     _git(dst, "commit", "-q", "-m", "e2e copy")
@@ -66,11 +74,11 @@ def stein(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def runs(repo: Path):
+def runs(repo: Path, pipeline: str = "gmm2d"):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / '.stein' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gmm2d")
+    exp = client.get_experiment_by_name(pipeline)
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
@@ -131,3 +139,23 @@ def test_pipeline_end_to_end(repo):
     assert "conf/gmm2d.yaml" in bad.stderr and "'train'" in bad.stderr and "sigma_max" in bad.stderr
     assert md5(repo / "samples/gmm2d/samples.parquet") == samples_md5
     assert len(runs(repo)[1]) == len(after)
+    _set_params(repo, {"train": {"sigma_min": 0.1}})  # back to the committed value for the next test
+
+
+def test_blindness_pipeline_reuses_the_gmm2d_model(repo):
+    """gmm2d-blindness samples gmm2d's score network two ways: with gmm2d up to date it runs only its own three
+    stages, and logs both samplers' metrics side by side."""
+    model_md5 = md5(repo / "models/gmm2d/score_net.pt")
+    proc = stein(repo, "run", "gmm2d-blindness")
+    assert proc.returncode == 0
+    assert "Stages to run: gmm2d-blindness-evaluate, gmm2d-blindness-sample-annealed, gmm2d-blindness-sample-langevin\n" in proc.stdout
+    assert md5(repo / "models/gmm2d/score_net.pt") == model_md5
+    metrics = json.loads((repo / "metrics" / "gmm2d-blindness.json").read_text())
+    for key in ("weight_error_annealed", "weight_error_langevin", "ksd_annealed", "mmd_langevin"):
+        assert isinstance(metrics[key], float), key
+    assert (repo / "plots/gmm2d-blindness/samples.png").stat().st_size > 10_000
+    _, blind_runs = runs(repo, "gmm2d-blindness")
+    parent = next(r for r in blind_runs if r.data.tags.get("stein.kind") == "pipeline")
+    children = sorted(r.data.tags["stein.dvc_stage"] for r in blind_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["gmm2d-blindness-evaluate", "gmm2d-blindness-sample-annealed", "gmm2d-blindness-sample-langevin"]
+    assert parent.data.metrics["weight_error_langevin"] == pytest.approx(metrics["weight_error_langevin"])
