@@ -7,7 +7,8 @@ import time
 from prefect import flow
 
 from flows.registry import load_stage
-from tasks.prepare import prepare_gmm
+from tasks.config import ImagePrepare
+from tasks.prepare import prepare_gmm, prepare_images
 from tasks.tracking import stage_run
 
 
@@ -20,6 +21,7 @@ def prepare_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str 
         import mlflow
 
         t0 = time.perf_counter()
-        info = prepare_gmm(ctx.section, paths.train, paths.test)
+        task = prepare_images if isinstance(ctx.section, ImagePrepare) else prepare_gmm
+        info = task(ctx.section, paths.train, paths.test)
         mlflow.log_metrics({k: float(v) for k, v in info.items()} | {"compute_seconds": time.perf_counter() - t0})
     return info | {"mlflow_run_id": run.info.run_id}

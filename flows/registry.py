@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.config import ConfigError, GMM2dConfig, GMMBlindnessConfig, load_config
+from tasks.config import ConfigError, DigitsConfig, GMM2dConfig, GMMBlindnessConfig, load_config
 from tasks.runtime import RuntimeSettings, configure_threads, project_root
 
 
@@ -138,6 +138,18 @@ PIPELINES: dict[str, Pipeline] = {
                 Stage("evaluate", "flows.evaluate:blindness_flow", "evaluate"),
             ),
             upstream="gmm2d",
+        ),
+        Pipeline(
+            "digits",
+            "scikit-learn's 8x8 handwritten digits (1,797 real images, no download): conv NCSN by DSM on Ray "
+            "Train with EMA, annealed Langevin, pixel-space MMD and the model's KSD, a sample grid",
+            DigitsConfig,
+            stages=(
+                Stage("prepare", "flows.prepare:prepare_flow", "prepare"),
+                Stage("train", "flows.train:train_flow", "train"),
+                Stage("sample", "flows.sample:sample_flow", "sample"),
+                Stage("evaluate", "flows.evaluate:images_flow", "evaluate"),
+            ),
         ),
     )
 }

@@ -53,15 +53,14 @@ class GMMPrepare(_Section):
         return self
 
 
-class NCSNTrain(_Section):
-    """Denoising score matching over a geometric noise ladder (NCSN, Song & Ermon 2019)."""
+class _NCSNTrainBase(_Section):
+    """Denoising score matching over a geometric noise ladder (NCSN, Song & Ermon 2019): what every score
+    network's train stage shares."""
 
     seed: int = 1
     sigma_max: float = Field(20.0, gt=0, description="σ_1, the largest noise level")
     sigma_min: float = Field(0.1, gt=0, description="σ_L, the smallest noise level")
     n_sigmas: int = Field(10, ge=1)
-    hidden: int = Field(128, ge=1)
-    n_layers: int = Field(3, ge=1)
     embed_dim: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["cosine", "constant"] = Field(
@@ -73,7 +72,7 @@ class NCSNTrain(_Section):
     checkpoint_every: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> NCSNTrain:
+    def _check(self):
         if self.n_sigmas > 1 and not self.sigma_max > self.sigma_min:
             raise ValueError(
                 f"sigma_max (σ_1={self.sigma_max}) must be larger than sigma_min (σ_L={self.sigma_min})"
@@ -81,6 +80,23 @@ class NCSNTrain(_Section):
         if self.n_sigmas == 1 and self.sigma_max != self.sigma_min:
             raise ValueError("with n_sigmas=1, sigma_max and sigma_min must be equal")
         return self
+
+
+class NCSNTrain(_NCSNTrainBase):
+    """A noise-conditional MLP for vectors."""
+
+    hidden: int = Field(128, ge=1)
+    n_layers: int = Field(3, ge=1)
+
+
+class ConvNCSNTrain(_NCSNTrainBase):
+    """A noise-conditional convolutional U-Net for images, sampled with an exponential moving average of its
+    weights (NCSNv2, technique 5)."""
+
+    base_channels: int = Field(16, ge=4)
+    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
+    num_res_blocks: int = Field(1, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 turns the moving average off")
 
 
 class AnnealedLangevinSample(_Section):
@@ -114,6 +130,39 @@ class GMMEvaluate(_Section):
     imq_c: float = Field(1.0, gt=0)
     imq_beta: float = Field(-0.5, lt=0)
     rbf_bandwidth: float | Literal["median"] = "median"
+
+
+class ImagePrepare(_Section):
+    """Real images from local sources only: scikit-learn's bundled 8x8 digits, or MNIST IDX files / CIFAR-10
+    python batches in the folder ``path``. Pixels scaled to [0, 1]."""
+
+    seed: int = 0
+    source: Literal["digits", "mnist", "cifar10"] = "digits"
+    path: str | None = Field(None, description="folder with the MNIST IDX files or CIFAR-10 batches")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share (digits has no official split)")
+    max_train: int | None = Field(None, ge=1, description="keep the first N training images (after shuffling)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ImagePrepare:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"source {self.source!r} reads local files: set path to their folder")
+        return self
+
+
+class ImageEvaluate(_Section):
+    seed: int = 3
+    n_eval: int = Field(500, ge=4, description="samples (and held-out images) used for MMD and KSD")
+    n_bootstrap: int = Field(200, ge=10, description="permutations (MMD test) and wild-bootstrap draws (KSD test)")
+    imq_c: float = Field(1.0, gt=0)
+    imq_beta: float = Field(-0.5, lt=0)
+    grid: int = Field(10, ge=1, le=32, description="the sample grid is grid x grid images")
+
+
+class DigitsConfig(_Section):
+    prepare: ImagePrepare = ImagePrepare()
+    train: ConvNCSNTrain = ConvNCSNTrain()
+    sample: AnnealedLangevinSample = AnnealedLangevinSample()
+    evaluate: ImageEvaluate = ImageEvaluate()
 
 
 class GMM2dConfig(_Section):

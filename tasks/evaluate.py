@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import ConfigError, GMMEvaluate
+from tasks.config import ConfigError, GMMEvaluate, ImageEvaluate
 from tasks.io import atomic_path, read_dataset, write_json
 
 log = logging.getLogger("stein")
@@ -204,7 +204,7 @@ def plot_gmm(*, data, samples, mixture, model_path, samples_png: Path, score_png
 
     plot_sample_sets({"held-out data": data, "annealed Langevin samples": samples}, mixture=mixture, path=samples_png, title=title)
     lo, hi, gx, gy, density = _density_grid(mixture, [data, samples])
-    model, sigmas = load_score_model(model_path)
+    model, sigmas, _ = load_score_model(model_path)
     qx, qy = np.meshgrid(np.linspace(lo[0], hi[0], 25), np.linspace(lo[1], hi[1], 25))
     q = torch.from_numpy(np.stack([qx.ravel(), qy.ravel()], 1)).float()
     levels = [0, len(sigmas) // 2, len(sigmas) - 1]
@@ -221,5 +221,95 @@ def plot_gmm(*, data, samples, mixture, model_path, samples_png: Path, score_png
         ax.set_aspect("equal")
     np.atleast_1d(axes)[0].legend(loc="upper left")
     with atomic_path(score_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+@task(name="evaluate-images", cache_policy=NO_CACHE)
+def evaluate_images(
+    cfg: ImageEvaluate,
+    *,
+    samples_path: Path,
+    test_path: Path,
+    train_path: Path,
+    model_path: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+) -> dict[str, float]:
+    """Sample quality on pixel vectors, until feature-based metrics (FID) arrive:
+
+    - MMD² (U) between samples and held-out images, with its permutation p-value; the same for training images
+      (what a model that memorised its training set reaches) as the reference;
+    - KSD² (U) of held-out images and of the samples against the model's own score at σ_L (a goodness-of-fit
+      of the model to the data, and of the samples to the model), with wild-bootstrap p-values;
+    and a PNG grid of samples beside held-out images."""
+    import torch
+
+    from stein_core import IMQ, ksd_test, mmd_permutation_test
+    from tasks.sample import load_score_model
+
+    samples, test, train = read_dataset(samples_path), read_dataset(test_path), read_dataset(train_path)
+    if samples.x.shape[1] != test.x.shape[1]:
+        raise ConfigError(samples_path, "x", f"dimension {samples.x.shape[1]} differs from the test set's {test.x.shape[1]}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.n_eval, len(samples), len(test), len(train))
+
+    def subset(ds):
+        return torch.from_numpy(ds.x)[torch.randperm(len(ds), generator=gen)[:n]].double()
+
+    x, y, ref = subset(samples), subset(test), subset(train)
+    kernel = IMQ(c=cfg.imq_c, beta=cfg.imq_beta)
+    model, sigmas, _ = load_score_model(model_path)
+    sigma_min = sigmas[-1]
+
+    def model_score(z):
+        with torch.no_grad():
+            return model(z.float(), sigma_min).double()
+
+    mmd_s = mmd_permutation_test(x, y, kernel, n_permutations=cfg.n_bootstrap, generator=gen)
+    mmd_r = mmd_permutation_test(ref, y, kernel, n_permutations=cfg.n_bootstrap, generator=gen)
+    ksd_t = ksd_test(y, model_score(y), kernel, n_bootstrap=cfg.n_bootstrap, generator=gen)
+    ksd_s = ksd_test(x, model_score(x), kernel, n_bootstrap=cfg.n_bootstrap, generator=gen)
+    metrics = {
+        "mmd": float(mmd_s.statistic),
+        "mmd_p_value": float(mmd_s.p_value),
+        "ref_mmd": float(mmd_r.statistic),
+        "ref_mmd_p_value": float(mmd_r.p_value),
+        "ksd_model_test": float(ksd_t.statistic),
+        "ksd_model_test_p_value": float(ksd_t.p_value),
+        "ksd_model_samples": float(ksd_s.statistic),
+        "ksd_model_samples_p_value": float(ksd_s.p_value),
+        "pixel_mean_abs_diff": float((x.mean(0) - y.mean(0)).abs().mean()),
+        "n_eval": float(n),
+    }
+    plot_image_grids(
+        {"annealed Langevin samples": samples.x, "held-out images": test.x}, shape=samples.shape,
+        grid=cfg.grid, path=Path(plots_dir) / "samples.png",
+    )
+    write_json(metrics_path, metrics)
+    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def plot_image_grids(sets: dict[str, np.ndarray], *, shape: tuple[int, ...], grid: int, path: Path) -> None:
+    """grid x grid images of each set side by side; pixels clipped to [0, 1] for display only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, h, w = shape
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.6), constrained_layout=True)
+    for ax, (name, x) in zip(np.atleast_1d(axes), sets.items()):
+        k = min(grid * grid, len(x))
+        imgs = np.clip(x[:k], 0.0, 1.0).reshape(k, c, h, w).transpose(0, 2, 3, 1)
+        canvas = np.ones((grid * (h + 1) + 1, grid * (w + 1) + 1, c), dtype=np.float32)
+        for i in range(k):
+            r, q = divmod(i, grid)
+            canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]
+        ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray_r" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name} ({k} of {len(x)})")
+        ax.axis("off")
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import GMMPrepare
+from tasks.config import GMMPrepare, ImagePrepare
 from tasks.io import write_dataset
 
 log = logging.getLogger("stein")
@@ -36,3 +36,31 @@ def prepare_gmm(cfg: GMMPrepare, train_path: Path, test_path: Path) -> dict[str,
     write_dataset(test_path, x_test.numpy(), label=c_test.numpy(), metadata=meta | {"split": "test"})
     log.info("wrote %d train and %d test points (d=%d) to %s", cfg.n_train, cfg.n_test, x_train.shape[1], Path(train_path).parent)
     return {"n_train": cfg.n_train, "n_test": cfg.n_test, "dim": int(x_train.shape[1])}
+
+
+@task(name="prepare-images", cache_policy=NO_CACHE)
+def prepare_images(cfg: ImagePrepare, train_path: Path, test_path: Path) -> dict[str, int]:
+    """Real images from local sources, pixels in [0, 1], flattened with their (C, H, W) shape in the metadata.
+
+    Digits (scikit-learn's bundled copy) get a seeded split; MNIST and CIFAR-10 keep their official one."""
+    import numpy as np
+
+    from tasks.datasets import load_cifar10_batches, load_digits_8x8, load_mnist_idx, split_train_test
+
+    hint = "set prepare.path in the pipeline's conf/*.yaml to the folder holding the files"
+    if cfg.source == "digits":
+        data = load_digits_8x8()
+        x_tr, y_tr, x_te, y_te = split_train_test(data.x, data.labels, cfg.test_fraction, cfg.seed)
+        shape = data.shape
+    else:
+        load = load_mnist_idx if cfg.source == "mnist" else load_cifar10_batches
+        train, test = load(cfg.path, "train", hint=hint), load(cfg.path, "test", hint=hint)
+        x_tr, y_tr, x_te, y_te, shape = train.x, train.labels, test.x, test.labels, train.shape
+    if cfg.max_train is not None and len(x_tr) > cfg.max_train:
+        keep = np.random.default_rng(cfg.seed).permutation(len(x_tr))[: cfg.max_train]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    meta = {"source": cfg.source, "seed": cfg.seed}
+    write_dataset(train_path, x_tr, label=y_tr, shape=shape, metadata=meta | {"split": "train"})
+    write_dataset(test_path, x_te, label=y_te, shape=shape, metadata=meta | {"split": "test"})
+    log.info("wrote %d train and %d test images of shape %s from %s", len(x_tr), len(x_te), shape, cfg.source)
+    return {"n_train": int(len(x_tr)), "n_test": int(len(x_te)), "dim": int(x_tr.shape[1])}

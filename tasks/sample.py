@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -10,23 +11,31 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import AnnealedLangevinSample, LangevinSample
+from tasks.config import ConfigError
 from tasks.io import file_md5, load_checkpoint, write_dataset
 
 log = logging.getLogger("stein")
 
 
 def load_score_model(model_path: Path, device: str = "cpu"):
-    """Rebuild the score network from its checkpoint; returns (model in eval mode, sigmas tensor)."""
+    """Rebuild the score network from its checkpoint -> (model in eval mode, sigmas tensor, example shape).
+
+    The checkpoint names the class (``model_class``) and its constructor arguments; images are sampled as
+    flattened vectors of ``prod(shape)`` and the conv net reshapes them itself."""
     import torch
 
-    from stein_core import NoiseConditionalMLP
+    import stein_core
 
     ckpt = load_checkpoint(model_path)
-    model = NoiseConditionalMLP(**ckpt["model_args"])
+    cls_name = ckpt.get("model_class", "NoiseConditionalMLP")
+    if cls_name not in ("NoiseConditionalMLP", "NoiseConditionalConvNet"):
+        raise ConfigError(model_path, "model_class", f"unknown score network class {cls_name!r}")
+    model = getattr(stein_core, cls_name)(**ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     sigmas = torch.tensor(ckpt["sigmas"], dtype=torch.float32, device=device)
-    return model, sigmas
+    shape = tuple(ckpt.get("shape") or (ckpt["model_args"]["dim"],))
+    return model, sigmas, shape
 
 
 @task(name="sample-annealed-langevin", cache_policy=NO_CACHE)
@@ -37,8 +46,8 @@ def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, o
 
     from stein_core import annealed_langevin
 
-    model, sigmas = load_score_model(model_path, device)
-    dim = model.model_args["dim"]
+    model, sigmas, shape = load_score_model(model_path, device)
+    dim = math.prod(shape)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def score_fn(x, sigma):
@@ -60,7 +69,7 @@ def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, o
     x = torch.cat(chunks).numpy()
     n_evals = cfg.n_samples * (len(sigmas) * cfg.n_steps_each)
     write_dataset(
-        out_path, x,
+        out_path, x, shape=shape,
         metadata={
             "source": "annealed_langevin", "split": "samples", "seed": cfg.seed,
             "model_md5": file_md5(model_path), "sampler": cfg.model_dump(),
@@ -79,8 +88,8 @@ def sample_langevin(cfg: LangevinSample, *, model_path: Path, out_path: Path, de
 
     from stein_core import langevin_step
 
-    model, sigmas = load_score_model(model_path, device)
-    dim = model.model_args["dim"]
+    model, sigmas, shape = load_score_model(model_path, device)
+    dim = math.prod(shape)
     sigma_min = sigmas[-1]
     init_std = cfg.init_std if cfg.init_std is not None else float(sigmas[0])
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -102,7 +111,7 @@ def sample_langevin(cfg: LangevinSample, *, model_path: Path, out_path: Path, de
     seconds = time.perf_counter() - t0
     x = torch.cat(chunks).numpy()
     write_dataset(
-        out_path, x,
+        out_path, x, shape=shape,
         metadata={
             "source": "langevin", "split": "samples", "seed": cfg.seed, "sigma": float(sigma_min),
             "model_md5": file_md5(model_path), "sampler": cfg.model_dump(),

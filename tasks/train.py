@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import NCSNTrain
+from tasks.config import ConvNCSNTrain, NCSNTrain
 from tasks.io import atomic_path, save_checkpoint
 from tasks.runtime import OFFLINE_ENV, RuntimeSettings, project_root, state_dir
 from tasks.train_worker import STATE_FILE, train_loop_per_worker
@@ -73,7 +73,7 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
 
 @task(name="train-ncsn", cache_policy=NO_CACHE)
 def train_ncsn(
-    cfg: NCSNTrain,
+    cfg: NCSNTrain | ConvNCSNTrain,
     *,
     data_path: Path,
     model_path: Path,
@@ -101,6 +101,7 @@ def train_ncsn(
             train_loop_per_worker,
             train_loop_config={
                 "train": cfg.model_dump(),
+                "train_class": type(cfg).__name__,
                 "data_path": str(Path(data_path).resolve()),  # workers change directory: absolute paths
                 "threads": threads,
                 "mlflow_run_id": mlflow_run_id,
@@ -127,13 +128,18 @@ def train_ncsn(
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    # Sampling uses the moving average of the weights where one was kept (NCSNv2); the raw weights stay too.
+    weights = state["ema"]["shadow"] if "ema" in state else state["model"]
     save_checkpoint(
         model_path,
-        state_dict=state["model"],
+        state_dict=weights,
         model_args=state["model_args"],
+        model_class=state.get("model_class", "NoiseConditionalMLP"),
+        shape=state.get("shape"),
         sigmas=state["sigmas"],
         step=state["step"],
         train_config=cfg.model_dump(),
+        **({"raw_state_dict": state["model"], "ema_decay": state["ema"]["decay"]} if "ema" in state else {}),
     )
     with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

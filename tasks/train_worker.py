@@ -11,34 +11,61 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import NCSNTrain
+from tasks.config import ConvNCSNTrain, NCSNTrain
+
+#: The train-section models a worker accepts, by name (the driver passes ``type(cfg).__name__``).
+TRAIN_CONFIGS = {cls.__name__: cls for cls in (NCSNTrain, ConvNCSNTrain)}
+
+
+def build_score_net(cfg: NCSNTrain | ConvNCSNTrain, shape: tuple[int, ...]):
+    """The score network a train section describes, for examples of ``shape`` -> (net, class name)."""
+    from stein_core import NoiseConditionalConvNet, NoiseConditionalMLP
+
+    if isinstance(cfg, ConvNCSNTrain):
+        if len(shape) != 3:
+            raise ValueError(f"a convolutional score network needs (C, H, W) images, the data have shape {shape}")
+        c, h, w = shape
+        net = NoiseConditionalConvNet(
+            in_channels=c, image_size=(h, w), base_channels=cfg.base_channels, channel_mults=tuple(cfg.channel_mults),
+            num_res_blocks=cfg.num_res_blocks, embed_dim=cfg.embed_dim,
+        )
+    else:
+        dim = 1
+        for s in shape:
+            dim *= s
+        net = NoiseConditionalMLP(dim=dim, hidden=cfg.hidden, n_layers=cfg.n_layers, embed_dim=cfg.embed_dim)
+    return net, type(net).__name__
 
 STATE_FILE = "state.pt"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker. ``config``: train (NCSNTrain as dict), data_path, threads, mlflow run_id/uri."""
+    """One DDP worker. ``config``: train (a train section as dict) and its class name ``train_class``,
+    data_path, threads, mlflow run_id/uri."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from stein_core import NoiseConditionalMLP, geometric_sigmas, get_dsm_loss_fn
+    from stein_core import EMA, geometric_sigmas, get_dsm_loss_fn
     from tasks.io import read_dataset
 
-    cfg = NCSNTrain(**config["train"])
+    cfg = TRAIN_CONFIGS[config.get("train_class", "NCSNTrain")](**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
 
-    data = torch.from_numpy(read_dataset(config["data_path"]).x).to(device)  # [n, d]
-    n, dim = data.shape
+    dataset = read_dataset(config["data_path"])
+    data = torch.from_numpy(dataset.x).to(device)  # [n, d]; images flattened, shape in the metadata
+    n = data.shape[0]
     sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_sigmas, device=device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    net = NoiseConditionalMLP(dim=dim, hidden=cfg.hidden, n_layers=cfg.n_layers, embed_dim=cfg.embed_dim)
+    net, model_class = build_score_net(cfg, dataset.shape)
     model_args = dict(net.model_args)
     model = ray.train.torch.prepare_model(net)
+    ema_decay = getattr(cfg, "ema_decay", 0.0)
+    ema = EMA(net, decay=ema_decay) if ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_steps)
@@ -54,6 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start, history = state["step"], [tuple(h) for h in state["history"]]
     # Each rank draws its own minibatches; the generator state is a pure function of (seed, rank, step).
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank * 7919 + start)
@@ -74,6 +103,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(net)
         running += loss.item()
         count += 1
         done = step + 1
@@ -103,6 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "step": done,
                         "history": [list(h) for h in history],
                         "model_args": model_args,
+                        "model_class": model_class,
+                        "shape": list(dataset.shape),
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
                         "sigmas": sigmas.cpu().tolist(),
                         "loop_seconds": time.perf_counter() - loop_start,
                     }
