@@ -303,7 +303,8 @@ def plot_image_grids(sets: dict[str, np.ndarray], *, shape: tuple[int, ...], gri
     for ax, (name, x) in zip(np.atleast_1d(axes), sets.items()):
         k = min(grid * grid, len(x))
         imgs = np.clip(x[:k], 0.0, 1.0).reshape(k, c, h, w).transpose(0, 2, 3, 1)
-        canvas = np.ones((grid * (h + 1) + 1, grid * (w + 1) + 1, c), dtype=np.float32)
+        # white separators: 0 is white under gray_r (single channel), 1 is white in RGB
+        canvas = np.full((grid * (h + 1) + 1, grid * (w + 1) + 1, c), 0.0 if c == 1 else 1.0, dtype=np.float32)
         for i in range(k):
             r, q = divmod(i, grid)
             canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]

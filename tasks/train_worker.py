@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tasks.config import ConvNCSNTrain, NCSNTrain
@@ -39,23 +40,31 @@ def build_score_net(cfg: NCSNTrain | ConvNCSNTrain, shape: tuple[int, ...]):
 STATE_FILE = "state.pt"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker. ``config``: train (a train section as dict) and its class name ``train_class``,
-    data_path, threads, mlflow run_id/uri."""
-    import ray.train
-    import ray.train.torch
+def fit_ncsn(
+    cfg: NCSNTrain | ConvNCSNTrain,
+    dataset,
+    *,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable = lambda net: net,
+    resume: dict | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
+    on_checkpoint: Callable[[dict, bool], None] | None = None,
+) -> dict:
+    """The NCSN training loop, independent of how it is distributed -> the final state.
+
+    ``wrap`` turns the network into what is trained (``ray.train.torch.prepare_model`` for DDP, identity for a
+    bare loop); ``resume`` is a state from an earlier checkpoint; ``on_log(step, mean_loss, samples_per_s)`` is
+    called every ``log_every`` steps and ``on_checkpoint(state, final)`` every ``checkpoint_every`` steps and
+    at the end (on every rank: with DDP each rank must report). The state holds what rebuilds and resumes the
+    run: weights (and their EMA), optimiser and schedule, step, loss history, model class and arguments, the
+    example shape, the noise ladder and the time spent in the loop.
+    """
     import torch
 
     from stein_core import EMA, geometric_sigmas, get_dsm_loss_fn
-    from tasks.io import read_dataset
 
-    cfg = TRAIN_CONFIGS[config.get("train_class", "NCSNTrain")](**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = ray.train.torch.get_device()
-
-    dataset = read_dataset(config["data_path"])
     data = torch.from_numpy(dataset.x).to(device)  # [n, d]; images flattened, shape in the metadata
     n = data.shape[0]
     sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_sigmas, device=device)
@@ -63,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     net, model_class = build_score_net(cfg, dataset.shape)
     model_args = dict(net.model_args)
-    model = ray.train.torch.prepare_model(net)
+    model = wrap(net)
     ema_decay = getattr(cfg, "ema_decay", 0.0)
     ema = EMA(net, decay=ema_decay) if ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -74,28 +83,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = get_dsm_loss_fn(sigmas)
 
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resuming after a worker-group failure
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start, history = state["step"], [tuple(h) for h in state["history"]]
+            ema.load_state_dict(resume["ema"])
+        start, history = resume["step"], [tuple(h) for h in resume["history"]]
     # Each rank draws its own minibatches; the generator state is a pure function of (seed, rank, step).
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank * 7919 + start)
     per_rank_batch = max(1, cfg.batch_size // world)
 
-    client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+    def snapshot(done: int) -> dict:
+        return {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": done,
+            "history": [list(h) for h in history],
+            "model_args": model_args,
+            "model_class": model_class,
+            "shape": list(dataset.shape),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
+            "sigmas": sigmas.cpu().tolist(),
+            "loop_seconds": time.perf_counter() - loop_start,
+        }
 
     running, count, t0 = 0.0, 0, time.perf_counter()
     loop_start = time.perf_counter()
+    state = snapshot(start)
     for step in range(start, cfg.n_steps):
         idx = torch.randint(n, (per_rank_batch,), generator=gen, device=device)
         loss = loss_fn(model, data[idx], generator=gen)
@@ -111,36 +127,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done % cfg.log_every == 0 or done == cfg.n_steps:
             mean_loss = running / count
             history.append((done, mean_loss))
-            if rank == 0:
-                rate = count * per_rank_batch * world / (time.perf_counter() - t0)
-                print(f"[train] step {done}/{cfg.n_steps}  dsm_loss {mean_loss:.4f}  {rate:,.0f} samples/s", flush=True)
-                if client is not None:
-                    from mlflow.entities import Metric
-
-                    ts = int(time.time() * 1000)
-                    client.log_batch(
-                        config["mlflow_run_id"],
-                        metrics=[Metric("train/dsm_loss", mean_loss, ts, done), Metric("train/samples_per_s", rate, ts, done)],
-                    )
+            if on_log is not None:
+                on_log(done, mean_loss, count * per_rank_batch * world / (time.perf_counter() - t0))
             running, count, t0 = 0.0, 0, time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.n_steps:
-            metrics = {"step": done, "dsm_loss": history[-1][1] if history else float("nan")}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    state = {
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "step": done,
-                        "history": [list(h) for h in history],
-                        "model_args": model_args,
-                        "model_class": model_class,
-                        "shape": list(dataset.shape),
-                        **({"ema": ema.state_dict()} if ema is not None else {}),
-                        "sigmas": sigmas.cpu().tolist(),
-                        "loop_seconds": time.perf_counter() - loop_start,
-                    }
-                    torch.save(state, Path(d) / STATE_FILE)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+            state = snapshot(done)
+            if on_checkpoint is not None:
+                on_checkpoint(state, done == cfg.n_steps)
+    return state
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train (DDP) worker around :func:`fit_ncsn`. ``config``: train (a train section as dict) and its
+    class name ``train_class``, data_path, threads, mlflow run_id/uri. Rank 0 prints progress, logs the loss
+    curve into the driver's MLflow run and reports checkpoints; a restarted worker group resumes from the last."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from tasks.io import read_dataset
+
+    cfg = TRAIN_CONFIGS[config.get("train_class", "NCSNTrain")](**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming after a worker-group failure
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    def on_log(step: int, mean_loss: float, rate: float) -> None:
+        if rank != 0:
+            return
+        print(f"[train] step {step}/{cfg.n_steps}  dsm_loss {mean_loss:.4f}  {rate:,.0f} samples/s", flush=True)
+        if client is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            client.log_batch(
+                config["mlflow_run_id"],
+                metrics=[Metric("train/dsm_loss", mean_loss, ts, step), Metric("train/samples_per_s", rate, ts, step)],
+            )
+
+    def on_checkpoint(state: dict, final: bool) -> None:
+        metrics = {"step": state["step"], "dsm_loss": state["history"][-1][1] if state["history"] else float("nan")}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    fit_ncsn(
+        cfg, read_dataset(config["data_path"]), device=device, rank=rank, world=world,
+        wrap=ray.train.torch.prepare_model, resume=resume, on_log=on_log, on_checkpoint=on_checkpoint,
+    )
