@@ -182,6 +182,18 @@ def _mh_init(position: Tensor, log_prob: Tensor, score: Tensor | None) -> MHStat
     )
 
 
+
+def _mh_init_fn(log_prob_fn: LogProbFn, value_and_score: Callable):
+    """The ``init_fn`` of a Metropolis-Hastings sampler that carries the score (MALA, HMC)."""
+
+    def init_fn(x0: Tensor, *, generator: torch.Generator | None = None) -> MHState:
+        x = x0.detach()
+        lp = _init_log_prob(log_prob_fn, x)
+        _, s = value_and_score(x)
+        return _mh_init(x, lp, s)
+
+    return init_fn
+
 def tempered(fn: Callable[..., Tensor], beta: float) -> Callable[..., Tensor]:
     """``x -> beta * fn(x, ...)``: the log-density or score of the tempered target ``p^beta``.
 
@@ -289,11 +301,7 @@ def mala(
     _check_positive(step_size, "step_size")
     value_and_score, _ = _log_prob_and_score(log_prob_fn, score_fn)
 
-    def init_fn(x0: Tensor, *, generator: torch.Generator | None = None) -> MHState:
-        x = x0.detach()
-        lp = _init_log_prob(log_prob_fn, x)
-        _, s = value_and_score(x)
-        return _mh_init(x, lp, s)
+    init_fn = _mh_init_fn(log_prob_fn, value_and_score)
 
     def step_fn(state: MHState, *, generator: torch.Generator | None = None) -> MHState:
         x, s = state.position, state.score
@@ -367,11 +375,7 @@ def hmc(
     n_leapfrog = int(n_leapfrog)
     value_and_score, score = _log_prob_and_score(log_prob_fn, score_fn)
 
-    def init_fn(x0: Tensor, *, generator: torch.Generator | None = None) -> MHState:
-        x = x0.detach()
-        lp = _init_log_prob(log_prob_fn, x)
-        _, s = value_and_score(x)
-        return _mh_init(x, lp, s)
+    init_fn = _mh_init_fn(log_prob_fn, value_and_score)
 
     def step_fn(state: MHState, *, generator: torch.Generator | None = None) -> MHState:
         x, n_batch = state.position, state.log_prob.ndim
