@@ -109,7 +109,7 @@ class Pipeline:
             if st.name == name:
                 return st
         known = ", ".join(st.name for st in self.stages)
-        raise ConfigError("dvc.yaml", None, f"pipeline {self.name!r} has no stage {name!r}; its stages: {known}")
+        raise ConfigError("command line", "stage", f"pipeline {self.name!r} has no stage {name!r}; its stages: {known}")
 
     def load_config(self, root: Path, path: str | Path | None = None) -> BaseModel:
         return load_config(Path(path) if path else root / self.config_file, self.config_model)
@@ -191,4 +191,4 @@ def get_pipeline(name: str) -> Pipeline:
     try:
         return PIPELINES[name]
     except KeyError:
-        raise ConfigError("dvc.yaml", None, f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}") from None
+        raise ConfigError("command line", "pipeline", f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}") from None
