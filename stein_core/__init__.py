@@ -10,7 +10,9 @@ Modules: ``kernels`` (RBF, IMQ, sums, deep kernels, closed-form derivatives),
 permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
 ``score_matching`` (exact, denoising, sliced score matching), ``samplers``
 (ULA, MALA, RWMH, underdamped Langevin, HMC, annealed Langevin), ``nets``
-(noise-conditional MLP and conv score networks), ``ema`` (weight averaging).
+(noise-conditional MLP and conv score networks), ``ema`` (weight averaging),
+``metrics`` (Fréchet distance, KID, Inception score, precision/recall, streaming
+moments), ``features`` (FID Inception-v3, a LeNet classifier as feature extractors).
 Each module's ``__all__`` is re-exported here.
 """
 
@@ -18,7 +20,9 @@ from . import (
     discrepancies,
     distributions,
     ema,
+    features,
     kernels,
+    metrics,
     nets,
     samplers,
     score_estimators,
@@ -28,7 +32,9 @@ from . import (
 from .discrepancies import *  # noqa: F403
 from .distributions import *  # noqa: F403
 from .ema import *  # noqa: F403
+from .features import *  # noqa: F403
 from .kernels import *  # noqa: F403
+from .metrics import *  # noqa: F403
 from .nets import *  # noqa: F403
 from .samplers import *  # noqa: F403
 from .score_estimators import *  # noqa: F403
@@ -39,7 +45,8 @@ __all__ = sorted(
     {
         name
         for module in (
-            discrepancies, distributions, ema, kernels, nets, samplers, score_estimators, score_matching, tests_stat,
+            discrepancies, distributions, ema, features, kernels, metrics, nets, samplers, score_estimators,
+            score_matching, tests_stat,
         )
         for name in module.__all__
     }
