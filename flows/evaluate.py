@@ -64,7 +64,8 @@ def images_flow(pipeline: str = "digits", config: str | None = None, stage: str 
     paths = ctx.paths
     with stage_run(
         pipeline, stage, params=ctx.section.model_dump(),
-        inputs={"samples": paths.samples, "test": paths.test, "train": paths.train, "model": paths.model},
+        inputs={"samples": paths.samples, "test": paths.test, "train": paths.train, "model": paths.model,
+                "classifier": paths.classifier, "reference_stats": paths.reference_stats},
         outputs={"metrics": paths.metrics},
     ) as run:
         import mlflow
@@ -73,8 +74,10 @@ def images_flow(pipeline: str = "digits", config: str | None = None, stage: str 
         metrics = evaluate_images(
             ctx.section, samples_path=paths.samples, test_path=paths.test, train_path=paths.train,
             model_path=paths.model, metrics_path=paths.metrics, plots_dir=paths.plots,
+            classifier_path=paths.classifier, stats_path=paths.reference_stats,
         )
         mlflow.log_metrics(metrics | {"compute_seconds": time.perf_counter() - t0})
         mlflow.log_artifact(str(paths.metrics))
-        mlflow.log_artifact(str(paths.plots / "samples.png"), artifact_path="plots")
+        for png in ("samples.png", "nearest.png"):
+            mlflow.log_artifact(str(paths.plots / png), artifact_path="plots")
     return metrics | {"mlflow_run_id": run.info.run_id}

@@ -44,6 +44,14 @@ class Paths:
     def model(self) -> Path:
         return self._p("models", self.source, "score_net.pt")
 
+    @property
+    def classifier(self) -> Path:
+        return self._p("models", self.source, "classifier.pt")
+
+    @property
+    def reference_stats(self) -> Path:
+        return self._p("models", self.source, "reference_stats.pt")
+
     def samples_of(self, output: str = "samples") -> Path:
         return self._p("samples", self.name, f"{output}.parquet")
 
@@ -142,10 +150,12 @@ PIPELINES: dict[str, Pipeline] = {
         Pipeline(
             "digits",
             "scikit-learn's 8x8 handwritten digits (1,797 real images, no download): conv NCSN by DSM on Ray "
-            "Train with EMA, annealed Langevin, pixel-space MMD and the model's KSD, a sample grid",
+            "Train with EMA, annealed Langevin; FID/KID/IS/precision-recall on features of a classifier trained in the "
+            "pipeline, pixel-space MMD, the model's KSD, sample and nearest-neighbour grids",
             DigitsConfig,
             stages=(
                 Stage("prepare", "flows.prepare:prepare_flow", "prepare"),
+                Stage("classifier", "flows.classifier:classifier_flow", "classifier"),
                 Stage("train", "flows.train:train_flow", "train"),
                 Stage("sample", "flows.sample:sample_flow", "sample"),
                 Stage("evaluate", "flows.evaluate:images_flow", "evaluate"),

@@ -149,6 +149,17 @@ class ImagePrepare(_Section):
         return self
 
 
+class ClassifierTrain(_Section):
+    """The offline feature extractor for FID/KID/IS: a LeNet trained inside the pipeline on the real training
+    split; the stage fails unless it reaches ``min_accuracy`` on the held-out split."""
+
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    min_accuracy: float = Field(0.9, ge=0, le=1)
+
+
 class ImageEvaluate(_Section):
     seed: int = 3
     n_eval: int = Field(500, ge=4, description="samples (and held-out images) used for MMD and KSD")
@@ -156,10 +167,14 @@ class ImageEvaluate(_Section):
     imq_c: float = Field(1.0, gt=0)
     imq_beta: float = Field(-0.5, lt=0)
     grid: int = Field(10, ge=1, le=32, description="the sample grid is grid x grid images")
+    kid_subset_size: int = Field(200, ge=2, description="KID subsets (capped by the sample sizes)")
+    kid_subsets: int = Field(50, ge=1)
+    pr_k: int = Field(3, ge=1, description="k of the k-NN radii of improved precision/recall")
 
 
 class DigitsConfig(_Section):
     prepare: ImagePrepare = ImagePrepare()
+    classifier: ClassifierTrain = ClassifierTrain()
     train: ConvNCSNTrain = ConvNCSNTrain()
     sample: AnnealedLangevinSample = AnnealedLangevinSample()
     evaluate: ImageEvaluate = ImageEvaluate()

@@ -235,8 +235,13 @@ def evaluate_images(
     model_path: Path,
     metrics_path: Path,
     plots_dir: Path,
+    classifier_path: Path | None = None,
+    stats_path: Path | None = None,
 ) -> dict[str, float]:
-    """Sample quality on pixel vectors, until feature-based metrics (FID) arrive:
+    """Sample quality of an image model. With the pipeline's feature classifier (``classifier_path``, and the
+    cached held-out feature statistics ``stats_path``): FID of the samples and, as the baseline, of the training
+    images against the held-out split; KID; the Inception score of samples and held-out images; improved
+    precision/recall. In pixel space:
 
     - MMD² (U) between samples and held-out images, with its permutation p-value; the same for training images
       (what a model that memorised its training set reaches) as the reference;
@@ -282,13 +287,102 @@ def evaluate_images(
         "pixel_mean_abs_diff": float((x.mean(0) - y.mean(0)).abs().mean()),
         "n_eval": float(n),
     }
+    if classifier_path is not None:
+        metrics |= classifier_metrics(cfg, samples=samples, test=test, train=train, classifier_path=classifier_path,
+                                      stats_path=stats_path, generator=gen)
     plot_image_grids(
         {"annealed Langevin samples": samples.x, "held-out images": test.x}, shape=samples.shape,
         grid=cfg.grid, path=Path(plots_dir) / "samples.png",
     )
+    plot_nearest_neighbours(samples.x, train.x, shape=samples.shape, path=Path(plots_dir) / "nearest.png")
     write_json(metrics_path, metrics)
     log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def classifier_metrics(cfg: ImageEvaluate, *, samples, test, train, classifier_path: Path, stats_path: Path | None, generator) -> dict[str, float]:
+    """FID (against the cached held-out statistics), the train-vs-held-out FID baseline, KID, Inception score
+    and improved precision/recall (Kynkäänniemi et al. 2019), all on the classifier's features."""
+    import torch
+
+    from stein_core import (
+        ClassifierFeatures, LeNetClassifier, StreamingMoments, frechet_distance, inception_score, kid, precision_recall,
+    )
+    from tasks.io import load_checkpoint
+
+    ckpt = load_checkpoint(classifier_path)
+    model = LeNetClassifier(**ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    extractor = ClassifierFeatures(model)
+    fingerprint = extractor.fingerprint()
+
+    def images(ds):
+        # Langevin samples overshoot the pixel range slightly; like any image sampler's output they are clipped
+        # to [0, 1] before feature extraction (the pixel-space metrics above use them unclipped).
+        return torch.from_numpy(ds.x).clamp(0.0, 1.0).reshape(len(ds), *ds.shape)
+
+    f_samples, f_test, f_train = extractor(images(samples)), extractor(images(test)), extractor(images(train))
+    if stats_path is not None:
+        cached = torch.load(stats_path, weights_only=True)
+        if cached["fingerprint"] != fingerprint:
+            raise ConfigError(stats_path, "fingerprint", "reference statistics were computed with another classifier; rerun the classifier stage")
+        ref = StreamingMoments.from_state_dict(cached["moments"])
+    else:
+        ref = StreamingMoments(extractor.dim).update(f_test)
+
+    def fid_to_ref(f) -> float:
+        m = StreamingMoments(extractor.dim).update(f)
+        return float(frechet_distance(m.mean, m.cov, ref.mean, ref.cov))
+
+    size = min(cfg.kid_subset_size, len(f_samples), len(f_test))
+    kid_res = kid(f_test, f_samples, n_subsets=cfg.kid_subsets, subset_size=size, generator=generator)
+    is_samples = inception_score(extractor.logits(images(samples)), from_logits=True)
+    is_test = inception_score(extractor.logits(images(test)), from_logits=True)
+    pr = precision_recall(f_test, f_samples, k=cfg.pr_k)
+    return {
+        "fid": fid_to_ref(f_samples),
+        "fid_train_test": fid_to_ref(f_train),
+        "kid": float(kid_res.mean),
+        "kid_std": float(kid_res.std),
+        "inception_score": float(is_samples.mean),
+        "inception_score_std": float(is_samples.std),
+        "ref_inception_score": float(is_test.mean),
+        "precision": float(pr.precision),
+        "recall": float(pr.recall),
+        "classifier_test_accuracy": float(ckpt["test_accuracy"]),
+    }
+
+
+def plot_nearest_neighbours(samples: np.ndarray, train: np.ndarray, *, shape: tuple[int, ...], path: Path, rows: int = 8, k: int = 5) -> None:
+    """Each of the first ``rows`` samples beside its ``k`` nearest training images (pixel L2): memorisation
+    shows as a sample identical to its first neighbour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from stein_core import sq_dists
+
+    rows = min(rows, len(samples))
+    d2 = sq_dists(torch.from_numpy(samples[:rows]).double(), torch.from_numpy(train).double())
+    nearest = d2.topk(k, largest=False).indices.numpy()
+    c, h, w = shape
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.1 * (k + 1), 1.1 * rows), squeeze=False)
+    for r in range(rows):
+        row = [samples[r]] + [train[j] for j in nearest[r]]
+        for q, img in enumerate(row):
+            ax = axes[r, q]
+            img = np.clip(img, 0, 1).reshape(c, h, w).transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if c == 1 else img, cmap="gray_r" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("sample" if q == 0 else f"NN {q}", fontsize=8)
+    fig.suptitle("samples and their nearest training images", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def plot_image_grids(sets: dict[str, np.ndarray], *, shape: tuple[int, ...], grid: int, path: Path) -> None:

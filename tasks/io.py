@@ -135,7 +135,7 @@ def read_dataset(path: str | Path) -> Dataset:
         raise ConfigError(path, "x", f"expected a fixed-size list of floats, got {col.type}")
     d = col.type.list_size
     x = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)  # writable copy
-    label = table.column("label").to_numpy() if "label" in table.column_names else None
+    label = np.array(table.column("label").to_numpy()) if "label" in table.column_names else None  # writable copy
     raw = table.schema.metadata or {}
     metadata: dict[str, Any] = {}
     for k, v in raw.items():

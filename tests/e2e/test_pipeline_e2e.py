@@ -40,10 +40,11 @@ TINY_BLINDNESS = {
 
 TINY_DIGITS = {
     "prepare": {"max_train": 300},
+    "classifier": {"epochs": 5, "min_accuracy": 0.3},
     "train": {"n_steps": 20, "base_channels": 8, "channel_mults": [1, 2], "n_sigmas": 4, "batch_size": 32,
               "log_every": 10, "checkpoint_every": 20},
     "sample": {"n_samples": 64, "n_steps_each": 3, "batch_size": 64},
-    "evaluate": {"n_eval": 60, "n_bootstrap": 50, "grid": 6},
+    "evaluate": {"n_eval": 60, "n_bootstrap": 50, "grid": 6, "kid_subset_size": 30, "kid_subsets": 10},
 }
 
 
@@ -178,7 +179,10 @@ def test_digits_pipeline_end_to_end(repo):
     assert proc.returncode == 0
     metrics = json.loads((repo / "metrics" / "digits.json").read_text())
     assert {"mmd", "mmd_p_value", "ref_mmd", "ksd_model_test", "ksd_model_samples"} <= set(metrics)
-    assert (repo / "plots/digits/samples.png").stat().st_size > 5_000
+    assert {"fid", "fid_train_test", "kid", "inception_score", "precision", "recall", "classifier_test_accuracy"} <= set(metrics)
+    assert metrics["classifier_test_accuracy"] >= 0.3
+    for png in ("samples.png", "nearest.png"):
+        assert (repo / "plots/digits" / png).stat().st_size > 5_000
     from tasks.io import load_checkpoint, read_dataset
 
     ckpt = load_checkpoint(repo / "models/digits/score_net.pt")
@@ -186,4 +190,5 @@ def test_digits_pipeline_end_to_end(repo):
     samples = read_dataset(repo / "samples/digits/samples.parquet")
     assert samples.x.shape == (64, 64) and samples.shape == (1, 8, 8)
     _, digit_runs = runs(repo, "digits")
-    assert sorted(r.data.tags.get("stein.stage", "pipeline") for r in digit_runs) == ["evaluate", "pipeline", "prepare", "sample", "train"]
+    assert sorted(r.data.tags.get("stein.stage", "pipeline") for r in digit_runs) == [
+        "classifier", "evaluate", "pipeline", "prepare", "sample", "train"]
