@@ -83,6 +83,8 @@ def test_evaluate_scores_true_samples_well_and_shifted_samples_badly(project):
     # weight of the heavy mode from 1000 exact samples: sd 0.0126, so 4 sd
     assert good["weight_error"] < 0.05 and good["ref_weight_error"] < 0.05
     assert bad["ksd"] > 20 * max(abs(good["ksd"]), 1e-3)
+    # the true log-likelihood: samples from the mixture match held-out data (sd of the mean ~0.05 for n=1000)
+    assert abs(good["log_likelihood"] - good["ref_log_likelihood"]) < 0.25 < good["log_likelihood"] - bad["log_likelihood"]
     assert bad["mmd"] > 20 * max(abs(good["mmd"]), 1e-4)
     for png in ("samples.png", "score_field.png"):
         assert (project / "plots" / "good" / png).stat().st_size > 10_000
