@@ -159,6 +159,7 @@ def test_prepare_digits_split_and_shape(project):
     tr, te = read_dataset(project / "tr.parquet"), read_dataset(project / "te.parquet")
     assert info["n_train"] + info["n_test"] == 1797 and abs(info["n_test"] - 0.2 * 1797) <= 1
     assert tr.shape == (1, 8, 8) and tr.x.shape[1] == 64 and 0.0 <= tr.x.min() and tr.x.max() <= 1.0
+    assert te.shape == tr.shape and len(te) == info["n_test"] and te.metadata["split"] == "test"
     assert set(np.unique(tr.label)) == set(range(10))
 
 
