@@ -38,11 +38,42 @@ def load_score_model(model_path: Path, device: str = "cpu"):
     return model, sigmas, shape
 
 
+def _sample_in_batches(
+    n_samples: int,
+    batch_size: int,
+    run_chains,
+    *,
+    steps_per_batch: int,
+    steps_per_chain: int,
+    desc: str,
+    unit: str,
+    out_path: Path,
+    model_path: Path,
+    shape: tuple[int, ...],
+    metadata: dict,
+) -> dict[str, float]:
+    """Run ``run_chains(m, bar) -> [m, d]`` on batches of at most ``batch_size`` chains with a progress bar of
+    ``steps_per_batch`` ticks per batch, then write the samples with the sampler's metadata."""
+    import torch
+    from tqdm.auto import tqdm
+
+    chunks, t0 = [], time.perf_counter()
+    n_batches = -(-n_samples // batch_size)
+    with tqdm(total=n_batches * steps_per_batch, desc=desc, unit=unit, mininterval=2.0) as bar:
+        for b in range(n_batches):
+            m = min(batch_size, n_samples - b * batch_size)
+            chunks.append(run_chains(m, bar).detach().cpu())
+    seconds = time.perf_counter() - t0
+    x = torch.cat(chunks).numpy()
+    write_dataset(out_path, x, shape=shape, metadata={"split": "samples", "model_md5": file_md5(model_path), **metadata})
+    log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
+    return {"sample_seconds": seconds, "chain_steps_per_s": n_samples * steps_per_chain / seconds}
+
+
 @task(name="sample-annealed-langevin", cache_policy=NO_CACHE)
 def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, out_path: Path, device: str = "cpu") -> dict[str, float]:
     """Draw ``cfg.n_samples`` samples, ``cfg.batch_size`` chains at a time, from x_0 ~ N(0, σ_1² I) (NCSNv2)."""
     import torch
-    from tqdm.auto import tqdm
 
     from stein_core import annealed_langevin
 
@@ -54,29 +85,19 @@ def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, o
         with torch.no_grad():
             return model(x, sigma)
 
-    chunks, t0 = [], time.perf_counter()
-    n_batches = -(-cfg.n_samples // cfg.batch_size)
-    with tqdm(total=n_batches * len(sigmas), desc="annealed Langevin (levels)", unit="level", mininterval=2.0) as bar:
-        for b in range(n_batches):
-            m = min(cfg.batch_size, cfg.n_samples - b * cfg.batch_size)
-            x0 = sigmas[0] * torch.randn(m, dim, generator=gen, device=device)
-            x = annealed_langevin(
-                score_fn, x0, sigmas, eps=cfg.eps, n_steps_each=cfg.n_steps_each, generator=gen,
-                denoise=cfg.denoise, callback=lambda i, _x: bar.update(1),
-            )
-            chunks.append(x.detach().cpu())
-    seconds = time.perf_counter() - t0
-    x = torch.cat(chunks).numpy()
-    n_evals = cfg.n_samples * (len(sigmas) * cfg.n_steps_each)
-    write_dataset(
-        out_path, x, shape=shape,
-        metadata={
-            "source": "annealed_langevin", "split": "samples", "seed": cfg.seed,
-            "model_md5": file_md5(model_path), "sampler": cfg.model_dump(),
-        },
+    def run_chains(m, bar):
+        x0 = sigmas[0] * torch.randn(m, dim, generator=gen, device=device)
+        return annealed_langevin(
+            score_fn, x0, sigmas, eps=cfg.eps, n_steps_each=cfg.n_steps_each, generator=gen,
+            denoise=cfg.denoise, callback=lambda i, _x: bar.update(1),
+        )
+
+    return _sample_in_batches(
+        cfg.n_samples, cfg.batch_size, run_chains, steps_per_batch=len(sigmas),
+        steps_per_chain=len(sigmas) * cfg.n_steps_each, desc="annealed Langevin (levels)", unit="level",
+        out_path=out_path, model_path=model_path, shape=shape,
+        metadata={"source": "annealed_langevin", "seed": cfg.seed, "sampler": cfg.model_dump()},
     )
-    log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
-    return {"sample_seconds": seconds, "chain_steps_per_s": n_evals / seconds}
 
 
 @task(name="sample-langevin", cache_policy=NO_CACHE)
@@ -84,7 +105,6 @@ def sample_langevin(cfg: LangevinSample, *, model_path: Path, out_path: Path, de
     """Unadjusted Langevin dynamics with the learned score at σ_L only: x ← x + α s(x, σ_L) + √(2α) z, from
     x_0 ~ N(0, init_std² I). The baseline of the mixing-proportion blindness comparison."""
     import torch
-    from tqdm.auto import tqdm
 
     from stein_core import langevin_step
 
@@ -98,24 +118,15 @@ def sample_langevin(cfg: LangevinSample, *, model_path: Path, out_path: Path, de
         with torch.no_grad():
             return model(x, sigma_min)
 
-    chunks, t0 = [], time.perf_counter()
-    n_batches = -(-cfg.n_samples // cfg.batch_size)
-    with tqdm(total=n_batches * cfg.n_steps, desc="Langevin at σ_L (steps)", unit="step", mininterval=2.0) as bar:
-        for b in range(n_batches):
-            m = min(cfg.batch_size, cfg.n_samples - b * cfg.batch_size)
-            x = init_std * torch.randn(m, dim, generator=gen, device=device)
-            for _ in range(cfg.n_steps):
-                x = langevin_step(score_fn, x, cfg.step_size, generator=gen)
-                bar.update(1)
-            chunks.append(x.detach().cpu())
-    seconds = time.perf_counter() - t0
-    x = torch.cat(chunks).numpy()
-    write_dataset(
-        out_path, x, shape=shape,
-        metadata={
-            "source": "langevin", "split": "samples", "seed": cfg.seed, "sigma": float(sigma_min),
-            "model_md5": file_md5(model_path), "sampler": cfg.model_dump(),
-        },
+    def run_chains(m, bar):
+        x = init_std * torch.randn(m, dim, generator=gen, device=device)
+        for _ in range(cfg.n_steps):
+            x = langevin_step(score_fn, x, cfg.step_size, generator=gen)
+            bar.update(1)
+        return x
+
+    return _sample_in_batches(
+        cfg.n_samples, cfg.batch_size, run_chains, steps_per_batch=cfg.n_steps, steps_per_chain=cfg.n_steps,
+        desc="Langevin at σ_L (steps)", unit="step", out_path=out_path, model_path=model_path, shape=shape,
+        metadata={"source": "langevin", "seed": cfg.seed, "sigma": float(sigma_min), "sampler": cfg.model_dump()},
     )
-    log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
-    return {"sample_seconds": seconds, "chain_steps_per_s": cfg.n_samples * cfg.n_steps / seconds}
