@@ -4,14 +4,12 @@ Every evaluate flow is :func:`_evaluate` with the inputs it reads and the task t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from prefect import flow
 
-from flows.registry import Paths, StageContext, load_stage
+from flows.registry import Paths, StageContext, run_stage
 from tasks.evaluate import evaluate_blindness, evaluate_gmm, evaluate_images
-from tasks.tracking import stage_run
 
 
 def _evaluate(
@@ -23,22 +21,14 @@ def _evaluate(
     compute: Callable[[StageContext], dict],
     plots: tuple[str, ...],
 ) -> dict:
-    """One evaluation: an MLflow stage run tagged with the inputs' hashes, the metrics (also logged with the
-    compute time), the metrics JSON and the plots as artifacts."""
-    ctx = load_stage(pipeline, config, stage)
-    paths = ctx.paths
-    with stage_run(
-        pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(paths), outputs={"metrics": paths.metrics},
-    ) as run:
-        import mlflow
-
-        t0 = time.perf_counter()
-        metrics = compute(ctx)
-        mlflow.log_metrics(metrics | {"compute_seconds": time.perf_counter() - t0})
-        mlflow.log_artifact(str(paths.metrics))
-        for png in plots:
-            mlflow.log_artifact(str(paths.plots / png), artifact_path="plots")
-    return metrics | {"mlflow_run_id": run.info.run_id}
+    """One evaluation: :func:`run_stage` with the metrics JSON as output and, with the plots, as artifacts."""
+    return run_stage(
+        pipeline, config, stage,
+        compute=lambda ctx, run: compute(ctx),
+        inputs=lambda ctx: inputs(ctx.paths),
+        outputs=lambda ctx: {"metrics": ctx.paths.metrics},
+        artifacts=lambda ctx: [(ctx.paths.metrics, None), *((ctx.paths.plots / png, "plots") for png in plots)],
+    )
 
 
 @flow(name="evaluate", log_prints=True)

@@ -8,8 +8,11 @@ entry here naming each stage's flow and config section.
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -195,6 +198,37 @@ def load_stage(pipeline: str, config: str | Path | None, stage: str) -> StageCon
     settings = RuntimeSettings()
     configure_threads(settings.resolved_threads())
     return StageContext(spec, st, root, cfg, spec.paths(root), settings)
+
+
+def run_stage(
+    pipeline: str,
+    config: str | Path | None,
+    stage: str,
+    *,
+    compute: Callable[[StageContext, Any], dict],
+    outputs: Callable[[StageContext], dict],
+    inputs: Callable[[StageContext], dict] = lambda ctx: {},
+    artifacts: Callable[[StageContext], list[tuple[Path, str | None]]] = lambda ctx: [],
+) -> dict:
+    """What every stage flow does around its task: resolve the stage, open its MLflow run (tagged with the MD5 of
+    ``inputs`` and ``outputs``), call ``compute(ctx, run)``, log its numeric results and the wall time of the
+    computation as ``compute_seconds`` (a ``compute_seconds`` in the results wins: train counts the workers'
+    loop), log ``artifacts`` as (file, artifact folder) pairs, and return the results with the run id."""
+    from tasks.tracking import stage_run
+
+    ctx = load_stage(pipeline, config, stage)
+    with stage_run(
+        pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(ctx), outputs=outputs(ctx),
+    ) as run:
+        import mlflow
+
+        t0 = time.perf_counter()
+        info = compute(ctx, run)
+        numeric = {k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics({"compute_seconds": time.perf_counter() - t0} | numeric)
+        for path, folder in artifacts(ctx):
+            mlflow.log_artifact(str(path), artifact_path=folder)
+    return info | {"mlflow_run_id": run.info.run_id}
 
 
 def get_pipeline(name: str) -> Pipeline:

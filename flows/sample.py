@@ -3,27 +3,25 @@ the smallest noise level (``sample-langevin``, the blindness baseline)."""
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from prefect import flow
 
-from flows.registry import load_stage
+from flows.registry import run_stage
 from tasks.sample import sample_annealed_langevin, sample_langevin
-from tasks.tracking import stage_run
 
 
 def _run(pipeline: str, config: str | None, stage: str, task) -> dict:
-    ctx = load_stage(pipeline, config, stage)
-    out = ctx.paths.samples_of(ctx.stage.output)
-    with stage_run(
-        pipeline, stage, params=ctx.section.model_dump(), inputs={"model": ctx.paths.model}, outputs={"samples": out},
-    ) as run:
-        import mlflow
+    def samples(ctx) -> Path:
+        return ctx.paths.samples_of(ctx.stage.output)
 
-        t0 = time.perf_counter()
-        info = task(ctx.section, model_path=ctx.paths.model, out_path=out, device=ctx.device)
-        mlflow.log_metrics(info | {"compute_seconds": time.perf_counter() - t0})
-    return info | {"mlflow_run_id": run.info.run_id}
+    def compute(ctx, run):
+        return task(ctx.section, model_path=ctx.paths.model, out_path=samples(ctx), device=ctx.device)
+
+    return run_stage(
+        pipeline, config, stage, compute=compute,
+        inputs=lambda ctx: {"model": ctx.paths.model}, outputs=lambda ctx: {"samples": samples(ctx)},
+    )
 
 
 @flow(name="sample", log_prints=True)
