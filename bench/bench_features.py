@@ -61,8 +61,9 @@ def time_stage(n: int) -> None:
     import numpy as np
 
     from tasks.classifier import train_feature_classifier
-    from tasks.config import ClassifierTrain, ImageEvaluate, ImagePrepare
-    from tasks.evaluate import evaluate_images
+    from tasks.config import ClassifierTrain, DigitsConfig, ImagePrepare
+    from tasks.evaluate import evaluate_samples
+    from tasks.evaluation import EvalInputs
     from tasks.io import read_dataset, save_checkpoint, write_dataset
     from tasks.prepare import prepare_images
     from stein_core import NoiseConditionalConvNet
@@ -80,10 +81,13 @@ def time_stage(n: int) -> None:
         fake = np.clip(train[rng.integers(0, len(train), n)] + 0.05 * rng.normal(size=(n, 64)), 0, 1)
         write_dataset(d / "samples.parquet", fake, shape=(1, 8, 8))
         t0 = time.perf_counter()
-        evaluate_images.fn(ImageEvaluate(), samples_path=d / "samples.parquet", test_path=d / "test.parquet",
-                           train_path=d / "train.parquet", model_path=d / "m.pt", metrics_path=d / "m.json",
-                           plots_dir=d / "plots", classifier_path=d / "clf.pt", stats_path=d / "stats.pt")
-        print(f"digits evaluate task on {n} samples (defaults: n_eval 350 for MMD/KSD, all samples for FID/KID/IS/PR): "
+        inputs = EvalInputs(test=d / "test.parquet", train=d / "train.parquet", model=d / "m.pt",
+                            classifier=d / "clf.pt", reference_stats=d / "stats.pt")
+        cfg = DigitsConfig().evaluate  # the digits pipeline's metrics and plots, without the checkpoints
+        evaluate_samples.fn(cfg, sample_paths={"samples": d / "samples.parquet"}, inputs=inputs,
+                            metrics_path=d / "m.json", plots_dir=d / "plots")
+        print(f"digits evaluate task on {n} samples (digits metrics and plots, n_eval {cfg.n_eval} for MMD/KSD, all "
+              f"samples for FID/KID/IS/PR): "
               f"{time.perf_counter() - t0:.1f} s")
 
 

@@ -1,79 +1,54 @@
-"""Stage flows that evaluate samples: metrics JSON (DVC metrics), plots, the same in MLflow.
+"""Stage flow: evaluate (DVC stage ``<pipeline>-evaluate``), the same for every pipeline.
 
-Every evaluate flow is :func:`_evaluate` with the inputs it reads and the task that computes its metrics."""
+The config's ``evaluate`` section lists the sample sets, metrics and plots; the flow resolves the files they read,
+runs :func:`tasks.evaluate.evaluate_samples`, logs the metrics (and, when checkpoints were evaluated, each
+metric's history over the training steps) to the stage's MLflow run with the JSON and the plots as artifacts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prefect import flow
 
-from flows.registry import Paths, StageContext, run_stage
-from tasks.evaluate import evaluate_blindness, evaluate_gmm, evaluate_images
+from flows.registry import StageContext, run_stage
+from tasks.evaluate import evaluate_samples
+from tasks.evaluation import EvalInputs, plot_files, required_inputs
 
 
-def _evaluate(
-    pipeline: str,
-    config: str | None,
-    stage: str,
-    *,
-    inputs: Callable[[Paths], dict],
-    compute: Callable[[StageContext], dict],
-    plots: tuple[str, ...],
-) -> dict:
-    """One evaluation: :func:`run_stage` with the metrics JSON as output and, with the plots, as artifacts."""
-    return run_stage(
-        pipeline, config, stage,
-        compute=lambda ctx, run: compute(ctx),
-        inputs=lambda ctx: inputs(ctx.paths),
-        outputs=lambda ctx: {"metrics": ctx.paths.metrics},
-        artifacts=lambda ctx: [(ctx.paths.metrics, None), *((ctx.paths.plots / png, "plots") for png in plots)],
-    )
+def eval_inputs(ctx: StageContext) -> EvalInputs:
+    p = ctx.paths
+    return EvalInputs(test=p.test, train=p.train, model=p.model, classifier=p.classifier,
+                      reference_stats=p.reference_stats, checkpoints=p.checkpoints)
+
+
+def sample_paths(ctx: StageContext) -> dict:
+    return {name: ctx.paths.samples_of(name) for name in ctx.section.sample_sets}
+
+
+def _inputs(ctx: StageContext) -> dict:
+    ins = eval_inputs(ctx)
+    return {**sample_paths(ctx), **{name: getattr(ins, name) for name in sorted(required_inputs(ctx.section))}}
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = "evaluate") -> dict:
-    """Samples of a toy-mixture model against the true mixture and held-out data."""
-    return _evaluate(
-        pipeline, config, stage,
-        inputs=lambda p: {"samples": p.samples, "test": p.test, "model": p.model},
-        compute=lambda ctx: evaluate_gmm(
-            ctx.section, samples_path=ctx.paths.samples, test_path=ctx.paths.test, model_path=ctx.paths.model,
-            metrics_path=ctx.paths.metrics, plots_dir=ctx.paths.plots,
-        ),
-        plots=("samples.png", "score_field.png"),
-    )
+    """Evaluate a pipeline's samples with the metrics and plots its config lists."""
 
+    def compute(ctx: StageContext, run) -> dict:
+        import mlflow
 
-_BLINDNESS_SETS = ("annealed", "langevin")
+        cfg = ctx.section
+        sampler = getattr(ctx.cfg, cfg.checkpoints.sampler) if cfg.checkpoints is not None else None
+        metrics, rows = evaluate_samples(
+            cfg, sample_paths=sample_paths(ctx), inputs=eval_inputs(ctx), metrics_path=ctx.paths.metrics,
+            plots_dir=ctx.paths.plots, config_path=config or ctx.spec.config_file, sampler=sampler,
+            settings=ctx.settings, device=ctx.device,
+        )
+        for row in rows:  # metric histories over training: MLflow draws them against the step
+            mlflow.log_metrics({f"checkpoint/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        return metrics
 
-
-@flow(name="evaluate-blindness", log_prints=True)
-def blindness_flow(pipeline: str = "gmm2d-blindness", config: str | None = None, stage: str = "evaluate") -> dict:
-    """Annealed vs plain Langevin samples of one score network, evaluated side by side."""
-    return _evaluate(
-        pipeline, config, stage,
-        inputs=lambda p: {**{n: p.samples_of(n) for n in _BLINDNESS_SETS}, "test": p.test},
-        compute=lambda ctx: evaluate_blindness(
-            ctx.section, samples_paths={n: ctx.paths.samples_of(n) for n in _BLINDNESS_SETS},
-            test_path=ctx.paths.test, metrics_path=ctx.paths.metrics, plot_path=ctx.paths.plots / "samples.png",
-        ),
-        plots=("samples.png",),
-    )
-
-
-@flow(name="evaluate-images", log_prints=True)
-def images_flow(pipeline: str = "digits", config: str | None = None, stage: str = "evaluate") -> dict:
-    """Samples of an image score network against held-out images: classifier-feature FID/KID/IS/PR,
-    pixel-space MMD, the model's KSD."""
-    return _evaluate(
-        pipeline, config, stage,
-        inputs=lambda p: {"samples": p.samples, "test": p.test, "train": p.train, "model": p.model,
-                          "classifier": p.classifier, "reference_stats": p.reference_stats},
-        compute=lambda ctx: evaluate_images(
-            ctx.section, samples_path=ctx.paths.samples, test_path=ctx.paths.test, train_path=ctx.paths.train,
-            model_path=ctx.paths.model, metrics_path=ctx.paths.metrics, plots_dir=ctx.paths.plots,
-            classifier_path=ctx.paths.classifier, stats_path=ctx.paths.reference_stats,
-        ),
-        plots=("samples.png", "nearest.png"),
+    return run_stage(
+        pipeline, config, stage, compute=compute, inputs=_inputs,
+        outputs=lambda ctx: {"metrics": ctx.paths.metrics},
+        artifacts=lambda ctx: [(ctx.paths.metrics, None), *((ctx.paths.plots / f, "plots") for f in plot_files(ctx.section))],
     )

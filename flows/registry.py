@@ -48,6 +48,11 @@ class Paths:
         return self._p("models", self.source, "score_net.pt")
 
     @property
+    def checkpoints(self) -> Path:
+        """Every checkpoint of the train stage, ``step_NNNNNNN.pt`` (the evaluate stage follows metrics along them)."""
+        return self._p("models", self.source, "checkpoints")
+
+    @property
     def classifier(self) -> Path:
         return self._p("models", self.source, "classifier.pt")
 
@@ -146,7 +151,7 @@ PIPELINES: dict[str, Pipeline] = {
             stages=(
                 Stage("sample-annealed", "flows.sample:sample_flow", "sample_annealed", "annealed"),
                 Stage("sample-langevin", "flows.sample:langevin_flow", "sample_langevin", "langevin"),
-                Stage("evaluate", "flows.evaluate:blindness_flow", "evaluate"),
+                Stage("evaluate", "flows.evaluate:evaluate_flow", "evaluate"),
             ),
             upstream="gmm2d",
         ),
@@ -161,7 +166,7 @@ PIPELINES: dict[str, Pipeline] = {
                 Stage("classifier", "flows.classifier:classifier_flow", "classifier"),
                 Stage("train", "flows.train:train_flow", "train"),
                 Stage("sample", "flows.sample:sample_flow", "sample"),
-                Stage("evaluate", "flows.evaluate:images_flow", "evaluate"),
+                Stage("evaluate", "flows.evaluate:evaluate_flow", "evaluate"),
             ),
         ),
     )

@@ -20,6 +20,7 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = 
             ctx.section,
             data_path=ctx.paths.train,
             model_path=ctx.paths.model,
+            checkpoints_dir=ctx.paths.checkpoints,
             loss_csv=ctx.paths.plots / "train_loss.csv",
             pipeline=pipeline,
             mlflow_run_id=run.info.run_id,  # Ray worker rank 0 logs the loss curve into this run

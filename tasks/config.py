@@ -122,16 +122,6 @@ class LangevinSample(_Section):
     batch_size: int = Field(4096, ge=1)
 
 
-class GMMEvaluate(_Section):
-    seed: int = 3
-    n_eval: int = Field(2000, ge=4, description="samples used for KSD/MMD (and the same number of test points)")
-    n_bootstrap: int = Field(200, ge=10, description="wild-bootstrap draws (KSD test) and permutations (MMD test)")
-    kernel: Literal["imq", "rbf"] = "imq"
-    imq_c: float = Field(1.0, gt=0)
-    imq_beta: float = Field(-0.5, lt=0)
-    rbf_bandwidth: float | Literal["median"] = "median"
-
-
 class ImagePrepare(_Section):
     """Real images from local sources only: scikit-learn's bundled 8x8 digits, or MNIST IDX files / CIFAR-10
     python batches in the folder ``path``. Pixels scaled to [0, 1]."""
@@ -160,39 +150,129 @@ class ClassifierTrain(_Section):
     min_accuracy: float = Field(0.9, ge=0, le=1)
 
 
-class ImageEvaluate(_Section):
+#: What the evaluate stage can compute, with what each needs beyond samples and held-out data (checked before
+#: any compute; see ``tasks.evaluation.METRICS`` for the keys each writes).
+METRIC_NAMES = (
+    "ksd_target",        # KSD of the samples against the true score (toys: the mixture in the data's metadata)
+    "ksd_model",         # KSD of the samples and of held-out data against the model's score at σ_L
+    "mmd",               # MMD² to held-out data, with its permutation p-value
+    "mode_weight",       # share of samples nearest the heavy mode (toys)
+    "log_likelihood",    # mean log-density of the samples under the true distribution (toys)
+    "fid",               # Fréchet distance of features (the reference set's FID is the train-vs-test baseline)
+    "kid",               # kernel inception distance of features
+    "inception_score",   # Inception score from the feature network's logits
+    "precision_recall",  # improved precision and recall (Kynkäänniemi et al. 2019) of features
+)
+Metric = Literal[METRIC_NAMES]
+Plot = Literal["samples", "score_field", "nearest"]
+
+
+def _unique(values: list[str], what: str) -> None:
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ValueError(f"{what} listed twice: {', '.join(dup)}")
+
+
+class CheckpointEvaluate(_Section):
+    """Follow metrics along training: every checkpoint the train stage kept is sampled (annealed Langevin with
+    the settings of the config section ``sampler``, ``n_samples`` chains) and evaluated, one Ray task per
+    checkpoint; the result is a metric-vs-step plot, a CSV for ``dvc plots``, and MLflow metric histories."""
+
+    metrics: list[Metric] = Field(default_factory=lambda: ["mmd"], min_length=1)
+    n_samples: int = Field(500, ge=4, description="samples drawn from each checkpoint")
+    sampler: str = Field("sample", description="the config section with the annealed Langevin settings")
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointEvaluate:
+        _unique(self.metrics, "metric")
+        return self
+
+
+class Evaluate(_Section):
+    """The evaluate stage of every pipeline: the metrics listed in ``metrics`` for every sample set in
+    ``sample_sets`` (``samples/<pipeline>/<name>.parquet``), each beside the same metric of a reference set
+    (keys ``ref_*``): held-out points (``reference: test_half``: the test split is halved, one half plays a
+    perfect model, the other is the comparison set) or training points (``reference: train``: what a model
+    that memorised its training set reaches; the whole test split is the comparison set). With several sample
+    sets, keys get the set's name as suffix (``weight_annealed``)."""
+
     seed: int = 3
-    n_eval: int = Field(500, ge=4, description="samples (and held-out images) used for MMD and KSD")
-    n_bootstrap: int = Field(200, ge=10, description="permutations (MMD test) and wild-bootstrap draws (KSD test)")
+    sample_sets: list[str] = Field(default_factory=lambda: ["samples"], min_length=1)
+    metrics: list[Metric] = Field(default_factory=lambda: ["mmd"], min_length=1)
+    plots: list[Plot] = Field(default_factory=lambda: ["samples"])
+    reference: Literal["test_half", "train"] = "test_half"
+    n_eval: int = Field(2000, ge=4, description="points per set for the kernel statistics (KSD, MMD)")
+    n_bootstrap: int = Field(200, ge=10, description="wild-bootstrap draws (KSD test) and permutations (MMD test)")
+    kernel: Literal["imq", "rbf"] = Field("imq", description="kernel of KSD and MMD")
     imq_c: float = Field(1.0, gt=0)
     imq_beta: float = Field(-0.5, lt=0)
-    grid: int = Field(10, ge=1, le=32, description="the sample grid is grid x grid images")
-    kid_subset_size: int = Field(200, ge=2, description="KID subsets (capped by the sample sizes)")
+    rbf_bandwidth: float | Literal["median"] = "median"
+    features: Literal["classifier", "inception", "raw"] = Field(
+        "classifier",
+        description="features of fid/kid/inception_score/precision_recall: the classifier the pipeline trained, "
+        "the FID Inception-v3 (weights from inception_weights or $STEIN_INCEPTION_WEIGHTS), or the raw vectors",
+    )
+    inception_weights: str | None = Field(None, description="local path of pt_inception-2015-12-05-6726825d.pth")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subsets (capped by the sample sizes)")
     kid_subsets: int = Field(50, ge=1)
     pr_k: int = Field(3, ge=1, description="k of the k-NN radii of improved precision/recall")
+    grid: int = Field(10, ge=1, le=32, description="image sample grids are grid x grid")
+    checkpoints: CheckpointEvaluate | None = Field(None, description="also evaluate every training checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> Evaluate:
+        _unique(self.metrics, "metric")
+        _unique(self.plots, "plot")
+        _unique(self.sample_sets, "sample set")
+        for name in self.sample_sets:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"sample set {name!r} is not a file name under samples/<pipeline>/")
+        return self
 
 
-class DigitsConfig(_Section):
+class _CheckpointSampler:
+    """Root configs whose ``evaluate.checkpoints.sampler`` must name one of their annealed-Langevin sections."""
+
+    @model_validator(mode="after")
+    def _check_sampler(self):
+        ck = self.evaluate.checkpoints
+        if ck is not None and not isinstance(getattr(self, ck.sampler, None), AnnealedLangevinSample):
+            options = [k for k, v in self if isinstance(v, AnnealedLangevinSample)]
+            raise ValueError(
+                f"evaluate.checkpoints.sampler={ck.sampler!r} is not an annealed Langevin section of this config "
+                f"(options: {', '.join(options) or 'none'})"
+            )
+        return self
+
+
+class DigitsConfig(_CheckpointSampler, _Section):
     prepare: ImagePrepare = ImagePrepare()
     classifier: ClassifierTrain = ClassifierTrain()
     train: ConvNCSNTrain = ConvNCSNTrain()
     sample: AnnealedLangevinSample = AnnealedLangevinSample()
-    evaluate: ImageEvaluate = ImageEvaluate()
+    evaluate: Evaluate = Evaluate(
+        metrics=["fid", "kid", "inception_score", "precision_recall", "mmd", "ksd_model"],
+        plots=["samples", "nearest"], reference="train", n_eval=350,
+    )
 
 
-class GMM2dConfig(_Section):
+class GMM2dConfig(_CheckpointSampler, _Section):
     prepare: GMMPrepare = GMMPrepare()
     train: NCSNTrain = NCSNTrain()
     sample: AnnealedLangevinSample = AnnealedLangevinSample()
-    evaluate: GMMEvaluate = GMMEvaluate()
+    evaluate: Evaluate = Evaluate(
+        metrics=["ksd_target", "mmd", "mode_weight", "log_likelihood"], plots=["samples", "score_field"],
+    )
 
 
-class GMMBlindnessConfig(_Section):
+class GMMBlindnessConfig(_CheckpointSampler, _Section):
     """gmm2d's score network, sampled two ways; evaluated side by side."""
 
     sample_annealed: AnnealedLangevinSample = AnnealedLangevinSample()
     sample_langevin: LangevinSample = LangevinSample()
-    evaluate: GMMEvaluate = GMMEvaluate()
+    evaluate: Evaluate = Evaluate(
+        sample_sets=["annealed", "langevin"], metrics=["ksd_target", "mmd", "mode_weight", "log_likelihood"],
+    )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -224,8 +304,8 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = _format_loc(err["loc"])
-        msg = err["msg"]
+        key = _format_loc(err["loc"]) if err["loc"] else None  # a whole-config check names its keys itself
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a parameter of this stage; check the spelling)"
         elif "input" in err and err["type"] not in ("missing",):

@@ -11,31 +11,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import AnnealedLangevinSample, LangevinSample
-from tasks.config import ConfigError
-from tasks.io import file_md5, load_checkpoint, write_dataset
+from tasks.io import file_md5, write_dataset
+from tasks.sampling import annealed_chains, load_score_model
 
 log = logging.getLogger("stein")
-
-
-def load_score_model(model_path: Path, device: str = "cpu"):
-    """Rebuild the score network from its checkpoint -> (model in eval mode, sigmas tensor, example shape).
-
-    The checkpoint names the class (``model_class``) and its constructor arguments; images are sampled as
-    flattened vectors of ``prod(shape)`` and the conv net reshapes them itself."""
-    import torch
-
-    import stein_core
-
-    ckpt = load_checkpoint(model_path)
-    cls_name = ckpt.get("model_class", "NoiseConditionalMLP")
-    if cls_name not in ("NoiseConditionalMLP", "NoiseConditionalConvNet"):
-        raise ConfigError(model_path, "model_class", f"unknown score network class {cls_name!r}")
-    model = getattr(stein_core, cls_name)(**ckpt["model_args"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device).eval()
-    sigmas = torch.tensor(ckpt["sigmas"], dtype=torch.float32, device=device)
-    shape = tuple(ckpt.get("shape") or (ckpt["model_args"]["dim"],))
-    return model, sigmas, shape
 
 
 def _sample_in_batches(
@@ -75,22 +54,11 @@ def sample_annealed_langevin(cfg: AnnealedLangevinSample, *, model_path: Path, o
     """Draw ``cfg.n_samples`` samples, ``cfg.batch_size`` chains at a time, from x_0 ~ N(0, σ_1² I) (NCSNv2)."""
     import torch
 
-    from stein_core import annealed_langevin
-
     model, sigmas, shape = load_score_model(model_path, device)
-    dim = math.prod(shape)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def score_fn(x, sigma):
-        with torch.no_grad():
-            return model(x, sigma)
-
     def run_chains(m, bar):
-        x0 = sigmas[0] * torch.randn(m, dim, generator=gen, device=device)
-        return annealed_langevin(
-            score_fn, x0, sigmas, eps=cfg.eps, n_steps_each=cfg.n_steps_each, generator=gen,
-            denoise=cfg.denoise, callback=lambda i, _x: bar.update(1),
-        )
+        return annealed_chains(model, sigmas, cfg, m, math.prod(shape), generator=gen, callback=lambda i, _x: bar.update(1))
 
     return _sample_in_batches(
         cfg.n_samples, cfg.batch_size, run_chains, steps_per_batch=len(sigmas),

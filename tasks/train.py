@@ -13,62 +13,40 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.cluster import init_ray
 from tasks.config import ConvNCSNTrain, NCSNTrain
 from tasks.io import atomic_path, save_checkpoint
-from tasks.runtime import OFFLINE_ENV, RuntimeSettings, project_root, state_dir
+from tasks.runtime import RuntimeSettings, project_root, state_dir
 from tasks.train_worker import STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger("stein")
 
-def ray_runtime_env(settings: RuntimeSettings, root: Path, threads: int) -> dict[str, Any]:
-    """Environment of the Ray workers: the project importable, offline, thread counts capped."""
-    env = dict(OFFLINE_ENV) | {
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p),
-    }
-    runtime_env: dict[str, Any] = {"env_vars": env}
-    if settings.ray_ship_code:
-        runtime_env["working_dir"] = str(root)
-        runtime_env["excludes"] = [".venv", ".stein", ".git", ".dvc/cache", "data", "models", "samples", "plots"]
-    return runtime_env
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
 
 
-def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine. Returns True if started here
-    (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = settings.resolved_ray_address()
-    runtime_env = ray_runtime_env(settings, root, threads)
-    t0 = time.perf_counter()
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # A local Ray turns on token auth by default; nothing but this process talks to it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # No dashboard (it needs ray[default]); without it Train's placement-group cleaner cannot reach the
-        # state API and warns every few seconds, so Ray's own worker logs are kept to errors. Our progress
-        # lines are printed, not logged, and still reach the driver.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, settings.num_workers),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-            logging_config=ray.LoggingConfig(log_level="ERROR"),
-        )
-    log.info("Ray %s in %.1f s", f"joined at {address}" if address else "started locally", time.perf_counter() - t0)
-    return True
+def export_model(state: dict, path: Path, cfg: NCSNTrain | ConvNCSNTrain) -> None:
+    """A training state -> a sampling checkpoint: the moving average of the weights where one was kept
+    (NCSNv2), the raw weights beside them, the model class, its arguments, the noise ladder and the step."""
+    weights = state["ema"]["shadow"] if "ema" in state else state["model"]
+    save_checkpoint(
+        path,
+        state_dict=weights,
+        model_args=state["model_args"],
+        model_class=state.get("model_class", "NoiseConditionalMLP"),
+        shape=state.get("shape"),
+        sigmas=state["sigmas"],
+        step=state["step"],
+        train_config=cfg.model_dump(),
+        **({"raw_state_dict": state["model"], "ema_decay": state["ema"]["decay"]} if "ema" in state else {}),
+    )
 
 
 @task(name="train-ncsn", cache_policy=NO_CACHE)
@@ -79,11 +57,13 @@ def train_ncsn(
     model_path: Path,
     loss_csv: Path,
     pipeline: str,
+    checkpoints_dir: Path | None = None,
     mlflow_run_id: str | None,
     mlflow_tracking_uri: str | None,
     settings: RuntimeSettings | None = None,
 ) -> dict[str, float]:
-    """Train with Ray Train's TorchTrainer and write the final checkpoint and the loss curve (CSV)."""
+    """Train with Ray Train's TorchTrainer; write the final model, every intermediate checkpoint (into
+    ``checkpoints_dir`` as ``step_NNNNNN.pt``, same format) and the loss curve (CSV)."""
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -113,7 +93,7 @@ def train_ncsn(
                 # silently continue a stale run after the config changed.
                 name=f"{pipeline}-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                 storage_path=str(state_dir(root) / "ray_results"),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=1),
             ),
         )
@@ -126,21 +106,21 @@ def train_ncsn(
             ray.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    # Sampling uses the moving average of the weights where one was kept (NCSNv2); the raw weights stay too.
-    weights = state["ema"]["shadow"] if "ema" in state else state["model"]
-    save_checkpoint(
-        model_path,
-        state_dict=weights,
-        model_args=state["model_args"],
-        model_class=state.get("model_class", "NoiseConditionalMLP"),
-        shape=state.get("shape"),
-        sigmas=state["sigmas"],
-        step=state["step"],
-        train_config=cfg.model_dump(),
-        **({"raw_state_dict": state["model"], "ema_decay": state["ema"]["decay"]} if "ema" in state else {}),
-    )
+    # Every checkpoint Ray kept (all of them: num_to_keep=None) becomes a sampling checkpoint, so that the
+    # evaluate stage can follow the metrics along training; the last one is the stage's model.
+    states = {}
+    for ckpt, _metrics in result.best_checkpoints or [(result.checkpoint, {})]:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        states[int(state["step"])] = state
+    state = states[max(states)]
+    if checkpoints_dir is not None:
+        with atomic_path(checkpoints_dir, directory=True) as tmp:
+            for step, s in sorted(states.items()):
+                export_model(s, tmp / checkpoint_name(step), cfg)
+    export_model(state, model_path, cfg)
+    if result.path and Path(result.path).is_dir():
+        shutil.rmtree(result.path, ignore_errors=True)  # exported above; Ray's copies only served resumption
     with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "dsm_loss"])

@@ -22,7 +22,7 @@ TINY = {
     "prepare": {"n_train": 3000, "n_test": 600},
     "train": {"n_steps": 150, "hidden": 32, "n_layers": 2, "n_sigmas": 5, "batch_size": 128, "log_every": 50, "checkpoint_every": 100},
     "sample": {"n_samples": 300, "n_steps_each": 10, "batch_size": 300},
-    "evaluate": {"n_eval": 200},
+    "evaluate": {"n_eval": 200, "checkpoints": {"metrics": ["mmd", "mode_weight"], "n_samples": 100, "sampler": "sample"}},
 }
 
 
@@ -42,9 +42,10 @@ TINY_DIGITS = {
     "prepare": {"max_train": 300},
     "classifier": {"epochs": 5, "min_accuracy": 0.3},
     "train": {"n_steps": 20, "base_channels": 8, "channel_mults": [1, 2], "n_sigmas": 4, "batch_size": 32,
-              "log_every": 10, "checkpoint_every": 20},
+              "log_every": 10, "checkpoint_every": 10},
     "sample": {"n_samples": 64, "n_steps_each": 3, "batch_size": 64},
-    "evaluate": {"n_eval": 60, "n_bootstrap": 50, "grid": 6, "kid_subset_size": 30, "kid_subsets": 10},
+    "evaluate": {"n_eval": 60, "n_bootstrap": 50, "grid": 6, "kid_subset_size": 30, "kid_subsets": 10,
+                 "checkpoints": {"metrics": ["fid", "mmd"], "n_samples": 32, "sampler": "sample"}},
 }
 
 
@@ -103,12 +104,16 @@ def test_pipeline_end_to_end(repo):
     assert first.returncode == 0
     for rel in ("data/gmm2d/train.parquet", "data/gmm2d/test.parquet", "models/gmm2d/score_net.pt",
                 "samples/gmm2d/samples.parquet", "plots/gmm2d/samples.png", "plots/gmm2d/score_field.png",
-                "plots/gmm2d/train_loss.csv", "dvc.lock"):
+                "plots/gmm2d/train_loss.csv", "plots/gmm2d/checkpoints.csv", "plots/gmm2d/checkpoints.png", "dvc.lock"):
         assert (repo / rel).is_file(), rel
+    # every training checkpoint is versioned, sampled and evaluated (in Ray tasks)
+    assert sorted(p.name for p in (repo / "models/gmm2d/checkpoints").iterdir()) == ["step_0000100.pt", "step_0000150.pt"]
+    table = (repo / "plots/gmm2d/checkpoints.csv").read_text().splitlines()
+    assert table[0].startswith("step,") and [r.split(",")[0] for r in table[1:]] == ["100", "150"]
     metrics = json.loads((repo / "metrics" / "gmm2d.json").read_text())
     assert {"ksd", "mmd", "weight_error", "ref_ksd", "ref_mmd", "ref_weight_error"} <= set(metrics)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
-    assert 0 <= metrics["weight_error"] <= 0.8
+    assert 0 <= metrics["weight_error"] <= 0.8 and metrics["n_checkpoints"] == 2
     assert "Results:" in first.stdout
 
     # 2. MLflow: one pipeline run with the four stage runs as children, tagged with commit and DVC stage
@@ -126,6 +131,9 @@ def test_pipeline_end_to_end(repo):
     curve = client.get_metric_history(train_run.info.run_id, "train/dsm_loss")
     assert [m.step for m in curve] == [50, 100, 150]  # logged by Ray worker rank 0 into the driver's run
     assert train_run.data.tags["stein.input.train.md5"] == md5(repo / "data/gmm2d/train.parquet")
+    eval_run = next(r for r in children if r.data.tags["stein.stage"] == "evaluate")
+    history = client.get_metric_history(eval_run.info.run_id, "checkpoint/mmd")  # MLflow plots it against the step
+    assert sorted(m.step for m in history) == [100, 150]
 
     # 3. nothing changed: the rerun is a no-op and creates no run
     again = stein(repo, "run")
@@ -178,8 +186,9 @@ def test_digits_pipeline_end_to_end(repo):
     proc = stein(repo, "run", "digits")
     assert proc.returncode == 0
     metrics = json.loads((repo / "metrics" / "digits.json").read_text())
-    assert {"mmd", "mmd_p_value", "ref_mmd", "ksd_model_test", "ksd_model_samples"} <= set(metrics)
-    assert {"fid", "fid_train_test", "kid", "inception_score", "precision", "recall", "classifier_test_accuracy"} <= set(metrics)
+    assert {"mmd", "mmd_p_value", "ref_mmd", "ksd_model", "ksd_model_heldout"} <= set(metrics)
+    assert {"fid", "ref_fid", "kid", "inception_score", "precision", "recall", "classifier_test_accuracy"} <= set(metrics)
+    assert metrics["n_checkpoints"] == 2 and (repo / "plots/digits/checkpoints.png").stat().st_size > 5_000
     assert metrics["classifier_test_accuracy"] >= 0.3
     for png in ("samples.png", "nearest.png"):
         assert (repo / "plots/digits" / png).stat().st_size > 5_000

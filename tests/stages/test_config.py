@@ -45,6 +45,9 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r["train"].update(sigma_max=0.05, sigma_min=0.1), "train", "must be larger than sigma_min"),
         (lambda r: r["prepare"].update(weights=[0.5, 0.4]), "prepare", "sum to 1"),
         (lambda r: r.update(sampel={"seed": 1}), "sampel", "unknown key"),
+        (lambda r: r["evaluate"].update(metrics=["ksd_target", "fld"]), "evaluate.metrics.1", "'fid'"),
+        (lambda r: r["evaluate"].update(metrics=["mmd", "mmd"]), "evaluate", "listed twice: mmd"),
+        (lambda r: r["evaluate"]["checkpoints"].update(metrics=[]), "evaluate.checkpoints.metrics", "at least 1"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, mutate, key, fragment):
@@ -81,3 +84,11 @@ def test_cli_help_and_list():
         assert cmd in out
     listing = runner.invoke(main, ["run", "--list"])
     assert listing.exit_code == 0 and "gmm2d" in listing.output
+
+
+def test_checkpoint_sampler_must_name_an_annealed_section(tmp_path):
+    path = _write(tmp_path, lambda r: r["evaluate"]["checkpoints"].update(sampler="train"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GMM2dConfig)
+    msg = str(info.value)
+    assert str(path) in msg and "evaluate.checkpoints.sampler='train'" in msg and "options: sample" in msg, msg

@@ -1,0 +1,479 @@
+"""What the evaluate stage computes, for any pipeline: the metrics its config lists, for each sample set and for
+a reference set, against held-out data. Prefect-free, because the same code runs inside the Ray tasks that
+evaluate training checkpoints (:func:`evaluate_checkpoint`).
+
+Every statistic comes from ``stein_core`` (one implementation each): KSD with its wild-bootstrap test, MMD with
+its permutation test, FID/KID/Inception score/precision-recall on features of a named extractor. Each (metric,
+sample set) pair draws from its own generator, seeded from the config's seed and the pair's names, so listing
+another metric or sample set never changes the values of the others.
+
+Reference sets (``evaluate.reference``): ``test_half`` halves the seeded-shuffled test split, one half plays a
+perfect model and the other is the comparison set; ``train`` lets the training split play a model that memorised
+it, against the whole test split (so the reference FID is the train-vs-test baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tasks.config import AnnealedLangevinSample, ConfigError, Evaluate
+from tasks.io import read_dataset
+
+log = logging.getLogger("stein")
+
+#: Metrics computed on features of an extractor.
+FEATURE_METRICS = frozenset({"fid", "kid", "inception_score", "precision_recall"})
+#: Metrics that need the true distribution (the mixture a toy pipeline's prepare stage recorded).
+TARGET_METRICS = frozenset({"ksd_target", "mode_weight", "log_likelihood"})
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The files an evaluation reads besides its samples (None where a pipeline has no such file)."""
+
+    test: Path
+    train: Path | None = None
+    model: Path | None = None
+    classifier: Path | None = None
+    reference_stats: Path | None = None
+    checkpoints: Path | None = None
+
+
+def required_inputs(cfg: Evaluate) -> set[str]:
+    """Which :class:`EvalInputs` fields ``cfg`` reads: the flow hashes them into the MLflow run and a test checks
+    that dvc.yaml lists each as a dependency of the stage."""
+    need = {"test"}
+    if cfg.reference == "train" or "nearest" in cfg.plots:
+        need.add("train")
+    if "ksd_model" in cfg.metrics or "score_field" in cfg.plots:
+        need.add("model")
+    feature_metrics = set(cfg.metrics) | set(cfg.checkpoints.metrics if cfg.checkpoints else ())
+    if cfg.features == "classifier" and feature_metrics & FEATURE_METRICS:
+        need.add("classifier")
+        if cfg.reference == "train":
+            need.add("reference_stats")
+    if cfg.checkpoints is not None:
+        need.add("checkpoints")
+    return need
+
+
+def plot_files(cfg: Evaluate) -> list[str]:
+    """The files the stage writes under ``plots/<pipeline>/``."""
+    files = [f"{p}.png" for p in cfg.plots]
+    if cfg.checkpoints is not None:
+        files += ["checkpoints.csv", "checkpoints.png"]
+    return files
+
+
+def _seed(base: int, *names: str) -> int:
+    return (base * 1_000_003 + zlib.crc32("/".join(names).encode())) % (2**63)
+
+
+def make_kernel(cfg: Evaluate, pooled=None):
+    """The kernel of KSD and MMD: IMQ (c² + ‖x − y‖²)^β, or an RBF with a fixed or median-heuristic bandwidth."""
+    from stein_core import IMQ, RBF, median_heuristic
+
+    if cfg.kernel == "imq":
+        return IMQ(c=cfg.imq_c, beta=cfg.imq_beta)
+    bandwidth = median_heuristic(pooled) if cfg.rbf_bandwidth == "median" else cfg.rbf_bandwidth
+    return RBF(bandwidth=bandwidth)
+
+
+@dataclass
+class SampleSet:
+    """One set of samples under evaluation: all of them (float64 ``[n, d]``), the seeded subset of at most
+    ``n_eval`` that the kernel statistics use, and lazily its features."""
+
+    name: str
+    x: Any
+    x_eval: Any
+    _features: Any = field(default=None, repr=False)
+
+
+class EvalData:
+    """What samples are compared with, loaded once per evaluation: held-out data, the reference and comparison
+    sets, the true mixture when the data carry one, the score model, and the feature extractor with the
+    comparison set's features and moments.
+
+    ``config_path`` is named in errors about the config (a metric the data cannot support)."""
+
+    def __init__(
+        self, cfg: Evaluate, inputs: EvalInputs, *, config_path: str | Path = "evaluate config",
+        model_path: Path | None = None, device: str = "cpu",
+    ):
+        import torch
+
+        self.cfg, self.inputs, self.device, self.config_path = cfg, inputs, device, str(config_path)
+        self.model_path = model_path or inputs.model
+        self.test = read_dataset(inputs.test)
+        self.shape = self.test.shape
+        self.dim = self.test.x.shape[1]
+        self.train = read_dataset(inputs.train) if "train" in required_inputs(cfg) and inputs.train else None
+        spec = self.test.metadata.get("mixture")
+        self.mixture = None
+        if isinstance(spec, dict):
+            from stein_core import GaussianMixture
+
+            self.mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
+            self.heavy = max(range(len(spec["weights"])), key=lambda i: spec["weights"][i])
+            self.true_weight = float(spec["weights"][self.heavy])
+        self.check()
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, "reference"))
+        test_x = torch.from_numpy(self.test.x).double()
+        if cfg.reference == "test_half":
+            perm = torch.randperm(len(test_x), generator=gen)
+            half = len(test_x) // 2
+            self.reference, self.comparison = test_x[perm[:half]], test_x[perm[half:]]
+            self.comparison_is_test = False
+        else:
+            train_x = torch.from_numpy(self.train.x).double()
+            self.reference = train_x[torch.randperm(len(train_x), generator=gen)]
+            self.comparison = test_x[torch.randperm(len(test_x), generator=gen)]
+            self.comparison_is_test = True
+        self.comparison_eval = self.comparison[: cfg.n_eval]
+
+    # ------------------------------------------------------------------------------------------ validation
+
+    def _bad(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.config_path, key, message)
+
+    def check(self, metrics: list[str] | None = None) -> None:
+        """Fail before any compute if a listed metric or plot cannot be computed from these inputs."""
+        cfg = self.cfg
+        metrics = list(cfg.metrics if metrics is None else metrics)
+        if self.mixture is None:
+            for m in [m for m in metrics if m in TARGET_METRICS]:
+                raise self._bad("evaluate.metrics", f"{m} needs the true distribution, and {self.inputs.test} records none "
+                                "(only the toy mixtures' prepare stage writes one)")
+            if "score_field" in cfg.plots:
+                raise self._bad("evaluate.plots", f"score_field draws the true score beside the learned one; {self.inputs.test} records no true distribution")
+        if "score_field" in cfg.plots and self.dim != 2:
+            raise self._bad("evaluate.plots", f"score_field needs 2-D data, {self.inputs.test} has dimension {self.dim}")
+        if "nearest" in cfg.plots and len(self.shape) != 3:
+            raise self._bad("evaluate.plots", f"nearest shows images, {self.inputs.test} holds vectors of shape {self.shape}")
+        if "inception_score" in metrics and cfg.features == "raw":
+            raise self._bad("evaluate.metrics", "inception_score needs class logits: set evaluate.features to classifier or inception")
+        if cfg.features != "raw" and set(metrics) & FEATURE_METRICS and len(self.shape) != 3:
+            raise self._bad("evaluate.features", f"{cfg.features} features need images, {self.inputs.test} holds vectors of shape {self.shape}: use raw")
+        for name in sorted(required_inputs(cfg) & {"train", "model", "classifier"}):
+            path = self.model_path if name == "model" else getattr(self.inputs, name)
+            if path is None or not Path(path).is_file():
+                raise self._bad("evaluate", f"needs the {name} file {path} (written by an earlier stage: run the pipeline)")
+
+    # ------------------------------------------------------------------------------------------ samples
+
+    def sample_set(self, name: str, x, *, source: str | Path = "samples") -> SampleSet:
+        """Wrap samples ``[n, d]`` (numpy or tensor) into a :class:`SampleSet` with its seeded evaluation subset."""
+        import torch
+
+        x = torch.as_tensor(x).double().cpu()
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ConfigError(source, "x", f"samples of shape {tuple(x.shape)}; the test set has dimension {self.dim}")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(1).sum())
+            raise ConfigError(source, "x", f"{bad} of {len(x)} samples are not finite (a diverged sampler?)")
+        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, "subset", name))
+        x = x[torch.randperm(len(x), generator=gen)]
+        return SampleSet(name, x, x[: min(self.cfg.n_eval, len(x), len(self.reference))])
+
+    def reference_set(self, n_eval: int, n: int) -> SampleSet:
+        """The reference set (what a perfect or a memorising model reaches) as a sample set of the same size as
+        the samples it is compared with: ``n`` points, ``n_eval`` of them for the kernel statistics (sample-size
+        biased metrics such as FID are then biased alike)."""
+        return SampleSet("reference", self.reference[:n], self.reference[:n_eval])
+
+    def generator(self, metric: str, s: SampleSet):
+        import torch
+
+        return torch.Generator().manual_seed(_seed(self.cfg.seed, metric, s.name))
+
+    # ------------------------------------------------------------------------------------------ model
+
+    @cached_property
+    def score_model(self):
+        """(network, σ_L, σ ladder) of the score model."""
+        from tasks.sampling import load_score_model
+
+        model, sigmas, _shape = load_score_model(self.model_path, self.device)
+        return model, sigmas[-1], sigmas
+
+    def model_score(self, z):
+        import torch
+
+        model, sigma_min, _ = self.score_model
+        out = []
+        with torch.no_grad():
+            for chunk in torch.split(z, 4096):
+                out.append(model(chunk.float().to(self.device), sigma_min).double().cpu())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------------------------------ features
+
+    @cached_property
+    def extractor(self):
+        """The feature extractor ``evaluate.features`` names (see ``tasks.sample_metrics.load_extractor``)."""
+        import os
+
+        from stein_core import INCEPTION_WEIGHTS_ENV_VAR
+        from tasks.sample_metrics import load_extractor
+
+        kind = self.cfg.features
+        if kind == "classifier":
+            spec = f"classifier:{self.inputs.classifier}"
+        elif kind == "inception":
+            path = self.cfg.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV_VAR)
+            if not path:
+                raise self._bad("evaluate.inception_weights", f"inception features need the local weights file: set "
+                                f"evaluate.inception_weights or ${INCEPTION_WEIGHTS_ENV_VAR} (nothing is downloaded)")
+            spec = f"inception:{path}"
+        else:
+            spec = "raw"
+        try:
+            ex = load_extractor(spec)
+        except ConfigError as exc:
+            raise self._bad("evaluate.inception_weights" if kind == "inception" else "evaluate.features", str(exc)) from None
+        if hasattr(ex, "to"):
+            ex.to(self.device)
+        return ex
+
+    def images(self, x):
+        """Samples as the extractor's input: images clipped to [0, 1] (Langevin overshoots the pixel range a
+        little; the pixel-space metrics use the samples unclipped), vectors as they are."""
+        if self.cfg.features == "raw":
+            return x
+        return x.clamp(0.0, 1.0).reshape(len(x), *self.shape).float().to(self.device)
+
+    def features(self, s: SampleSet):
+        if s._features is None:
+            s._features = self.extractor(self.images(s.x)).double().cpu()
+        return s._features
+
+    @cached_property
+    def comparison_features(self):
+        return self.extractor(self.images(self.comparison)).double().cpu()
+
+    @cached_property
+    def comparison_moments(self):
+        """Mean and covariance of the comparison set's features: the classifier stage's cached statistics of
+        the test split when the comparison set is that split and the fingerprints match, else computed here."""
+        import torch
+
+        from stein_core import StreamingMoments
+
+        stats = self.inputs.reference_stats
+        if self.cfg.features == "classifier" and self.comparison_is_test and stats is not None and Path(stats).is_file():
+            cached = torch.load(stats, weights_only=True)
+            if cached["fingerprint"] != self.extractor.fingerprint():
+                raise ConfigError(stats, "fingerprint", "reference statistics were computed with another classifier; rerun the classifier stage")
+            return StreamingMoments.from_state_dict(cached["moments"])
+        return StreamingMoments(self.comparison_features.shape[1]).update(self.comparison_features)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, s: SampleSet, metrics: list[str] | None = None) -> dict[str, float]:
+        """The listed metrics (default: the config's) of one sample set."""
+        out: dict[str, float] = {}
+        for name in self.cfg.metrics if metrics is None else metrics:
+            out |= METRICS[name].per_set(self, s)
+        return out
+
+    def once(self, metrics: list[str] | None = None) -> dict[str, float]:
+        """What the listed metrics report once per model rather than per sample set."""
+        out: dict[str, float] = {}
+        for name in self.cfg.metrics if metrics is None else metrics:
+            if METRICS[name].once is not None:
+                out |= METRICS[name].once(self)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric: ``per_set(data, s)`` -> its keys for one sample set; ``once(data)`` -> keys reported once."""
+
+    per_set: Callable[[EvalData, SampleSet], dict[str, float]]
+    once: Callable[[EvalData], dict[str, float]] | None = None
+
+
+def _ksd_target(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """KSD² (U) of the samples against the true score, with the wild-bootstrap p-value (Liu et al. 2016;
+    Chwialkowski et al. 2016)."""
+    import torch
+
+    from stein_core import ksd_test
+
+    x = s.x_eval
+    res = ksd_test(x, d.mixture.score(x), make_kernel(d.cfg, torch.cat([x, d.comparison_eval])),
+                   n_bootstrap=d.cfg.n_bootstrap, generator=d.generator("ksd_target", s))
+    return {"ksd": float(res.statistic), "ksd_p_value": float(res.p_value)}
+
+
+def _mmd(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """MMD² (U) to the comparison set, with the permutation p-value (Gretton et al. 2012)."""
+    import torch
+
+    from stein_core import mmd_permutation_test
+
+    x, y = s.x_eval, d.comparison_eval
+    res = mmd_permutation_test(x, y, make_kernel(d.cfg, torch.cat([x, y])), n_permutations=d.cfg.n_bootstrap,
+                               generator=d.generator("mmd", s))
+    return {"mmd": float(res.statistic), "mmd_p_value": float(res.p_value)}
+
+
+def _mode_weight(d: EvalData, s: SampleSet) -> dict[str, float]:
+    w = (d.mixture.nearest_component(s.x_eval) == d.heavy).double().mean().item()
+    return {"weight": w, "weight_error": abs(w - d.true_weight)}
+
+
+def _log_likelihood(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Mean log-density of the samples under the true mixture: a cross-entropy estimate, maximal for samples
+    from the mixture itself only in expectation (over-concentrated samples can score higher; hence the
+    reference)."""
+    return {"log_likelihood": d.mixture.log_prob(s.x_eval).mean().item()}
+
+
+def _ksd_model(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """KSD² (U) of the samples against the model's own score at σ_L: do the samples follow the model?"""
+    from stein_core import ksd_test
+
+    x = s.x_eval
+    res = ksd_test(x, d.model_score(x), make_kernel(d.cfg, x), n_bootstrap=d.cfg.n_bootstrap,
+                   generator=d.generator("ksd_model", s))
+    return {"ksd_model": float(res.statistic), "ksd_model_p_value": float(res.p_value)}
+
+
+def _ksd_model_heldout(d: EvalData) -> dict[str, float]:
+    """KSD² (U) of held-out data against the model's score at σ_L: the model's goodness of fit."""
+    from stein_core import ksd_test
+
+    y = d.comparison_eval
+    res = ksd_test(y, d.model_score(y), make_kernel(d.cfg, y), n_bootstrap=d.cfg.n_bootstrap,
+                   generator=d.generator("ksd_model", SampleSet("heldout", y, y)))
+    return {"ksd_model_heldout": float(res.statistic), "ksd_model_heldout_p_value": float(res.p_value)}
+
+
+def _fid(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Fréchet distance between Gaussians fitted to the features (Heusel et al. 2017), float64 moments."""
+    from stein_core import StreamingMoments, frechet_distance
+
+    f = d.features(s)
+    m, ref = StreamingMoments(f.shape[1]).update(f), d.comparison_moments
+    return {"fid": float(frechet_distance(m.mean, m.cov, ref.mean, ref.cov))}
+
+
+def _kid(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Kernel inception distance (Bińkowski et al. 2018): unbiased MMD² with (xᵀy/d + 1)³ over seeded subsets."""
+    from stein_core import kid
+
+    f, g = d.features(s), d.comparison_features
+    res = kid(g, f, n_subsets=d.cfg.kid_subsets, subset_size=min(d.cfg.kid_subset_size, len(f), len(g)),
+              generator=d.generator("kid", s))
+    return {"kid": float(res.mean), "kid_std": float(res.std)}
+
+
+def _inception_score(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Inception score (Salimans et al. 2016) from the feature network's logits, float64, 10 splits."""
+    from stein_core import inception_score
+
+    res = inception_score(d.extractor.logits(d.images(s.x)).double().cpu(), from_logits=True)
+    return {"inception_score": float(res.mean), "inception_score_std": float(res.std)}
+
+
+def _precision_recall(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN radii."""
+    from stein_core import precision_recall
+
+    res = precision_recall(d.comparison_features, d.features(s), k=d.cfg.pr_k)
+    return {"precision": float(res.precision), "recall": float(res.recall)}
+
+
+def _feature_info(d: EvalData) -> dict[str, float]:
+    """The classifier's held-out accuracy, logged beside every feature metric it produced."""
+    if d.cfg.features != "classifier":
+        return {}
+    from tasks.io import load_checkpoint
+
+    return {"classifier_test_accuracy": float(load_checkpoint(d.inputs.classifier)["test_accuracy"])}
+
+
+METRICS: dict[str, Metric] = {
+    "ksd_target": Metric(_ksd_target),
+    "ksd_model": Metric(_ksd_model, once=_ksd_model_heldout),
+    "mmd": Metric(_mmd),
+    "mode_weight": Metric(_mode_weight, once=lambda d: {"true_weight": d.true_weight}),
+    "log_likelihood": Metric(_log_likelihood),
+    "fid": Metric(_fid, once=_feature_info),
+    "kid": Metric(_kid, once=_feature_info),
+    "inception_score": Metric(_inception_score, once=_feature_info),
+    "precision_recall": Metric(_precision_recall, once=_feature_info),
+}
+
+
+def evaluate_sets(data: EvalData, sets: dict[str, Any], *, sources: dict[str, Path] | None = None) -> dict[str, float]:
+    """The configured metrics of every sample set (keys suffixed ``_<set>`` when there are several), of the
+    reference set at the smallest set's evaluation size (``ref_*``), the once-per-model keys, and ``n_eval``."""
+    sources = sources or {}
+    wrapped = {name: data.sample_set(name, x, source=sources.get(name, name)) for name, x in sets.items()}
+    n_eval = min(len(s.x_eval) for s in wrapped.values())
+    n = min(len(s.x) for s in wrapped.values())
+    out: dict[str, float] = dict(data.once())
+    for name, s in wrapped.items():
+        m = data.evaluate(s)
+        out |= m if len(wrapped) == 1 else {f"{k}_{name}": v for k, v in m.items()}
+        log.info("evaluated %s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    out |= reference_metrics(data, n_eval, n)
+    out["n_eval"] = float(n_eval)
+    return out
+
+
+def reference_metrics(data: EvalData, n_eval: int, n: int) -> dict[str, float]:
+    """The configured metrics of the reference set at the samples' sizes, keys prefixed ``ref_``."""
+    return {f"ref_{k}": v for k, v in data.evaluate(data.reference_set(n_eval, n)).items()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_config(cfg: Evaluate) -> Evaluate:
+    """The evaluation each checkpoint gets: the checkpoint metrics, no plots, no nested checkpoints."""
+    return cfg.model_copy(update={"metrics": list(cfg.checkpoints.metrics), "plots": [], "checkpoints": None})
+
+
+def evaluate_checkpoint(
+    path: Path, *, cfg: dict, sampler: dict, inputs: EvalInputs, threads: int = 1, device: str = "cpu",
+) -> dict[str, float]:
+    """One training checkpoint: draw ``checkpoints.n_samples`` annealed Langevin samples from it (seeded, the
+    sampler section's settings) and compute the checkpoint metrics. Runs as a Ray task; returns the metrics
+    with ``step``."""
+    import torch
+
+    from tasks.io import load_checkpoint
+    from tasks.sampling import annealed_chains, load_score_model
+
+    torch.set_num_threads(threads)
+    full = Evaluate.model_validate(cfg)
+    sampler_cfg = AnnealedLangevinSample.model_validate(sampler)
+    ck = checkpoint_config(full)
+    data = EvalData(ck, inputs, model_path=path, device=device)
+    model, sigmas, shape = load_score_model(path, device)
+    gen = torch.Generator(device=device).manual_seed(sampler_cfg.seed)
+    chunks, n = [], full.checkpoints.n_samples
+    for start in range(0, n, sampler_cfg.batch_size):
+        m = min(sampler_cfg.batch_size, n - start)
+        chunks.append(annealed_chains(model, sigmas, sampler_cfg, m, math.prod(shape), generator=gen).cpu())
+    x = torch.cat(chunks)
+    step = int(load_checkpoint(path).get("step", -1))
+    if not torch.isfinite(x).all():  # a diverged early checkpoint is a result, not an error
+        return {"step": float(step), "finite_fraction": float(torch.isfinite(x).all(1).double().mean())}
+    # per-model keys that change along training (the held-out KSD of the model) stay; constants do not
+    once = {k: v for k, v in data.once().items() if k not in ("true_weight", "classifier_test_accuracy")}
+    return {"step": float(step), **once, **data.evaluate(data.sample_set("samples", x, source=path))}

@@ -1,0 +1,48 @@
+"""dvc.yaml agrees with what the stages read and write: a file a stage reads but DVC does not list would not
+make it stale when the file changes, and a file it writes but DVC does not list would not be versioned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.registry import PIPELINES
+from tasks.evaluation import plot_files, required_inputs
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL_CODE = {"stein_core", "tasks/config.py", "tasks/io.py", "tasks/sampling.py", "tasks/sample_metrics.py",
+             "tasks/evaluation.py", "tasks/evaluate.py", "tasks/plots.py", "flows/evaluate.py"}
+
+
+def _names(entries) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_evaluate_stage_lists_what_its_config_reads_and_writes(stages, name):
+    spec = PIPELINES[name]
+    cfg = spec.load_config(REPO).evaluate
+    paths = spec.paths(Path("."))
+    stage = stages[spec.dvc_stage("evaluate")]
+    inputs = {"test": paths.test, "train": paths.train, "model": paths.model, "classifier": paths.classifier,
+              "reference_stats": paths.reference_stats, "checkpoints": paths.checkpoints}
+    needed = {str(paths.samples_of(s)) for s in cfg.sample_sets} | {str(inputs[k]) for k in required_inputs(cfg)}
+    assert needed | EVAL_CODE <= set(stage["deps"]), needed | EVAL_CODE - set(stage["deps"])
+    sections = {s for p in stage["params"] for s in p[spec.config_file]}
+    assert "evaluate" in sections and (cfg.checkpoints is None or cfg.checkpoints.sampler in sections)
+    assert {str(paths.plots / f) for f in plot_files(cfg)} <= _names(stage.get("plots"))
+    assert _names(stage["metrics"]) == {str(paths.metrics)}
+
+
+@pytest.mark.parametrize("name", sorted(p for p in PIPELINES if PIPELINES[p].upstream is None))
+def test_train_stage_versions_every_checkpoint(stages, name):
+    spec = PIPELINES[name]
+    paths = spec.paths(Path("."))
+    assert {str(paths.model), str(paths.checkpoints)} <= set(stages[spec.dvc_stage("train")]["outs"])
