@@ -32,8 +32,12 @@ def throughput(extractor, images: torch.Tensor, batch_size: int, repeats: int = 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--stage-samples", type=int, default=0)
+    ap.add_argument("--stage-samples", type=int, default=0, help="also time the digits evaluate task on N samples")
+    ap.add_argument("--stage-only", action="store_true", help="skip the extractor throughput table")
     args = ap.parse_args()
+    if args.stage_only:
+        time_stage(args.stage_samples or 10_000)
+        return
     from stein_core import ClassifierFeatures, InceptionV3FID, LeNetClassifier
 
     gen = torch.Generator().manual_seed(0)

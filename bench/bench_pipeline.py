@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "pipeline.json", help="where to write the figures")
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone")
     args = ap.parse_args()
+    args.json = args.json.resolve()  # the benchmark changes directory into its temporary clone
 
     work = Path(tempfile.mkdtemp(prefix="stein-bench-"))
     root = work / "repo"

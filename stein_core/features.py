@@ -453,14 +453,22 @@ class InceptionV3FID:
             x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
         return 2.0 * x - 1.0
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Images ``[n, 1 or 3, H, W]`` in [0, 1] -> pool3 features ``[n, 2048]`` float64 on ``x``'s device."""
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"expected images [n, 1 or 3, H, W], got {tuple(x.shape)}")
         if self.resize_to is None and min(x.shape[-2:]) < FIDInceptionV3.min_size:
             raise ValueError(f"without resizing, H and W must be >= {FIDInceptionV3.min_size}: {tuple(x.shape)}")
         _check_range(x, 0.0, 1.0)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Images ``[n, 1 or 3, H, W]`` in [0, 1] -> pool3 features ``[n, 2048]`` float64 on ``x``'s device."""
+        self._check_input(x)
         return _batched(self.net, lambda xb: self.net(self.preprocess(xb)), x, self.batch_size, self.dim)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Images as for ``__call__`` -> the 1008 class logits ``[n, 1008]`` (float64) for the Inception score."""
+        self._check_input(x)
+        return _batched(self.net, lambda xb: self.net.logits(self.preprocess(xb)), x, self.batch_size, self.net.n_classes)
 
     def fingerprint(self) -> str:
         return state_dict_fingerprint(self.name, self.net, self.input_spec)

@@ -115,7 +115,7 @@ class EvalData:
         self.test = read_dataset(inputs.test)
         self.shape = self.test.shape
         self.dim = self.test.x.shape[1]
-        self.train = read_dataset(inputs.train) if "train" in required_inputs(cfg) and inputs.train else None
+        self.train = None
         spec = self.test.metadata.get("mixture")
         self.mixture = None
         if isinstance(spec, dict):
@@ -125,6 +125,8 @@ class EvalData:
             self.heavy = max(range(len(spec["weights"])), key=lambda i: spec["weights"][i])
             self.true_weight = float(spec["weights"][self.heavy])
         self.check()
+        if "train" in required_inputs(cfg):
+            self.train = read_dataset(inputs.train)
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "reference"))
         test_x = torch.from_numpy(self.test.x).double()
         if cfg.reference == "test_half":

@@ -117,6 +117,20 @@ def test_inception_deterministic_small_input():
         FIDInceptionV3()(torch.zeros(1, 3, 70, 70))
 
 
+def test_inception_logits_are_fc_of_the_pool3_features():
+    """The Inception score's logits: fc applied to the same pool3 features ``__call__`` returns, batch by batch."""
+    net = InceptionV3FID.random(seed=3, resize_to=None, batch_size=1)
+    x = _images(2, 1, 75, 75, seed=5)
+    logits = net.logits(x)
+    assert logits.shape == (2, 1008) and logits.dtype == torch.float64
+    fc = net.net.fc
+    with torch.no_grad():
+        expected = net(x) @ fc.weight.double().T + fc.bias.double()
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="must lie in"):
+        net.logits(x + 2.0)
+
+
 def test_inception_input_validation(inception):
     with pytest.raises(ValueError, match=r"\[0\.0, 1\.0\]"):
         inception(2 * _images(1, 3, 8, 8, seed=0) - 1)  # [-1, 1] images are a common mistake
