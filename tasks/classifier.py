@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import ClassifierTrain, ConfigError
-from tasks.io import atomic_path, read_dataset, save_checkpoint
+from tasks.io import read_dataset, save_checkpoint, save_torch
 
 log = logging.getLogger("stein")
 
@@ -60,6 +60,5 @@ def train_feature_classifier(
         model_path, state_dict=model.state_dict(), model_args=model.model_args, test_accuracy=acc,
         fingerprint=fingerprint, history=history,
     )
-    with atomic_path(stats_path) as tmp:
-        torch.save({"moments": moments.state_dict(), "fingerprint": fingerprint, "split": "test"}, tmp)
+    save_torch(stats_path, {"moments": moments.state_dict(), "fingerprint": fingerprint, "split": "test"})
     return {"test_accuracy": acc, "fingerprint": fingerprint, "final_train_loss": history["loss"][-1]}

@@ -155,11 +155,19 @@ def read_dataset(path: str | Path) -> Dataset:
 
 def save_checkpoint(path: str | Path, *, state_dict: Mapping[str, Any], model_args: Mapping[str, Any], **extra: Any) -> None:
     """A checkpoint carries what rebuilds it: the weights, the constructor arguments and extra plain data."""
-    import torch
 
     payload = {"state_dict": dict(state_dict), "model_args": dict(model_args), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` atomically and byte-reproducibly: saved through a file object, the zip archive's record
+    names do not carry the (random) temporary file name, so equal contents give equal bytes and DVC sees an
+    unchanged output (and skips the stages downstream) when a rerun reproduces the same weights."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def train_ncsn(
     ``checkpoints_dir`` as ``step_NNNNNN.pt``, same format) and the loss curve (CSV)."""
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     settings = settings or RuntimeSettings()
@@ -95,6 +95,9 @@ def train_ncsn(
                 storage_path=str(state_dir(root) / "ray_results"),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=1),
+                # Train's INFO lines (two per reported checkpoint) would drown the workers' progress lines; its
+                # system log files under the Ray session keep every level.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         log.info("training on %d Ray worker(s), use_gpu=%s", settings.num_workers, use_gpu)

@@ -6,7 +6,6 @@ import Prefect: every import here is paid once per worker process at the start o
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -148,8 +147,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from tasks.io import read_dataset
 
-    # Train logs two INFO lines per checkpoint from inside the worker; our own progress line says enough.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TRAIN_CONFIGS[config.get("train_class", "NCSNTrain")](**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

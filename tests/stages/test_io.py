@@ -66,3 +66,19 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     rebuilt.load_state_dict(ckpt["state_dict"])
     x = torch.randn(5, 3)
     torch.testing.assert_close(rebuilt(x, torch.tensor(0.5)), net(x, torch.tensor(0.5)))
+
+
+def test_equal_checkpoints_are_equal_bytes(tmp_path):
+    """DVC compares outputs by MD5: the same weights saved twice (through different temporary files) must give
+    the same bytes, or every retrain would make the stages downstream rerun."""
+    import hashlib
+
+    import torch
+
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(tmp_path / name, state_dict=sd, model_args={"dim": 3}, sigmas=[1.0])
+    digest = [hashlib.md5((tmp_path / n).read_bytes()).hexdigest() for n in ("a.pt", "b.pt")]
+    assert digest[0] == digest[1]
+    save_checkpoint(tmp_path / "c.pt", state_dict={"w": sd["w"] + 1}, model_args={"dim": 3}, sigmas=[1.0])
+    assert hashlib.md5((tmp_path / "c.pt").read_bytes()).hexdigest() != digest[0]
