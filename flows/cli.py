@@ -180,7 +180,8 @@ def eval_group() -> None:
 
 _FEATURES_HELP = (
     "raw (the vectors themselves), classifier:PATH (a LeNet classifier checkpoint's penultimate layer) or "
-    "inception:PATH (FID Inception-v3 weights pt_inception-2015-12-05-6726825d.pth from a local file)"
+    "inception:PATH (FID Inception-v3 weights pt_inception-2015-12-05-6726825d.pth from a local file; plain "
+    "`inception` reads the path from $STEIN_INCEPTION_WEIGHTS)"
 )
 
 

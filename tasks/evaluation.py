@@ -220,21 +220,15 @@ class EvalData:
 
     @cached_property
     def extractor(self):
-        """The feature extractor ``evaluate.features`` names (see ``tasks.sample_metrics.load_extractor``)."""
-        import os
-
-        from stein_core import INCEPTION_WEIGHTS_ENV_VAR
+        """The feature extractor ``evaluate.features`` names (see ``tasks.sample_metrics.load_extractor``; the
+        Inception weights come from ``evaluate.inception_weights``, else ``$STEIN_INCEPTION_WEIGHTS``)."""
         from tasks.sample_metrics import load_extractor
 
         kind = self.cfg.features
         if kind == "classifier":
             spec = f"classifier:{self.inputs.classifier}"
         elif kind == "inception":
-            path = self.cfg.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV_VAR)
-            if not path:
-                raise self._bad("evaluate.inception_weights", f"inception features need the local weights file: set "
-                                f"evaluate.inception_weights or ${INCEPTION_WEIGHTS_ENV_VAR} (nothing is downloaded)")
-            spec = f"inception:{path}"
+            spec = f"inception:{self.cfg.inception_weights}" if self.cfg.inception_weights else "inception"
         else:
             spec = "raw"
         try:

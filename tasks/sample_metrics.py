@@ -43,8 +43,18 @@ class _Raw:
 
 
 def load_extractor(spec: str):
-    """``raw`` | ``classifier:PATH`` | ``inception:PATH`` -> an extractor (callable, ``name``, ``fingerprint()``)."""
+    """``raw`` | ``classifier:PATH`` | ``inception:PATH`` | ``inception`` (the path from
+    ``$STEIN_INCEPTION_WEIGHTS``) -> an extractor (callable, ``name``, ``fingerprint()``)."""
+    import os
+
+    from stein_core import INCEPTION_WEIGHTS_ENV_VAR
+
     kind, _, path = spec.partition(":")
+    if kind == "inception" and not path:
+        path = os.environ.get(INCEPTION_WEIGHTS_ENV_VAR, "")
+        if not path:
+            raise ConfigError("command line", "features", f"inception features need the local weights file: name it "
+                              f"(inception:PATH) or set ${INCEPTION_WEIGHTS_ENV_VAR}; nothing is downloaded")
     if kind == "raw" and not path:
         return _Raw()
     if kind == "classifier" and path:
@@ -61,7 +71,7 @@ def load_extractor(spec: str):
             return InceptionV3FID.from_file(path)
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(path, "features", str(exc)) from None
-    raise ConfigError("command line", "features", f"expected raw, classifier:PATH or inception:PATH, got {spec!r}")
+    raise ConfigError("command line", "features", f"expected raw, classifier:PATH, inception:PATH or inception, got {spec!r}")
 
 
 def extract(path: str | Path, extractor) -> Features:

@@ -87,6 +87,13 @@ def test_bad_inputs_exit_2_and_name_the_file(tmp_path):
                                    "--features", f"inception:{tmp_path / 'weights.pth'}"])
     assert missing.exit_code == 2 and "weights.pth" in missing.output and "STEIN_INCEPTION_WEIGHTS" in missing.output
     bad_spec = runner.invoke(main, ["eval", "kid", "--real", str(tmp_path / "x.parquet"), "--fake", str(tmp_path / "x.parquet"), "--features", "vgg"])
-    assert bad_spec.exit_code == 2 and "raw, classifier:PATH or inception:PATH" in bad_spec.output
+    assert bad_spec.exit_code == 2 and "raw, classifier:PATH, inception:PATH or inception" in bad_spec.output
+    # `inception` alone takes the weights from the environment, and says so when it is unset
+    no_env = runner.invoke(main, ["eval", "fid", "--real", str(tmp_path / "x.parquet"), "--fake", str(tmp_path / "x.parquet"),
+                                  "--features", "inception"], env={"STEIN_INCEPTION_WEIGHTS": ""})
+    assert no_env.exit_code == 2 and "STEIN_INCEPTION_WEIGHTS" in no_env.output
+    from_env = runner.invoke(main, ["eval", "fid", "--real", str(tmp_path / "x.parquet"), "--fake", str(tmp_path / "x.parquet"),
+                                    "--features", "inception"], env={"STEIN_INCEPTION_WEIGHTS": str(tmp_path / "env.pth")})
+    assert from_env.exit_code == 2 and "env.pth" in from_env.output
     absent = runner.invoke(main, ["eval", "fid", "--real", str(tmp_path / "none.parquet"), "--fake", str(tmp_path / "x.parquet")])
     assert absent.exit_code == 2 and "none.parquet" in absent.output

@@ -122,7 +122,7 @@ def test_target_metrics_need_a_known_distribution(tmp_path):
 def test_inception_features_without_weights_name_the_setting(digits_split, tmp_path, monkeypatch):
     monkeypatch.delenv("STEIN_INCEPTION_WEIGHTS", raising=False)
     inputs = EvalInputs(test=digits_split / "test.parquet")
-    with pytest.raises(ConfigError, match=r"STEIN_INCEPTION_WEIGHTS.*nothing is downloaded"):
+    with pytest.raises(ConfigError, match=r"key 'evaluate.inception_weights'.*STEIN_INCEPTION_WEIGHTS; nothing is downloaded"):
         _run(Evaluate(metrics=["fid"], features="inception"), {"samples": digits_split / "test.parquet"}, inputs, tmp_path)
     with pytest.raises(ConfigError, match=r"key 'evaluate.inception_weights'.*looked for '/nowhere/w.pth'"):
         _run(Evaluate(metrics=["fid"], features="inception", inception_weights="/nowhere/w.pth"),
