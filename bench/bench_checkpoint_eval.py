@@ -47,8 +47,7 @@ def main() -> None:
     ckpts = sorted(p.checkpoints.glob("step_*.pt"))
     if not ckpts:
         raise SystemExit(f"no checkpoints in {p.checkpoints}: run `stein run {args.pipeline}` first")
-    inputs = EvalInputs(test=p.test, train=p.train, model=p.model, classifier=p.classifier,
-                        reference_stats=p.reference_stats, checkpoints=p.checkpoints)
+    inputs = EvalInputs.from_paths(p)
     kwargs = {"cfg": ev.model_dump(), "sampler": getattr(cfg, ev.checkpoints.sampler).model_dump(), "inputs": inputs}
     cores = os.cpu_count() or 1
 

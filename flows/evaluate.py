@@ -14,18 +14,12 @@ from tasks.evaluate import evaluate_samples
 from tasks.evaluation import EvalInputs, plot_files, required_inputs
 
 
-def eval_inputs(ctx: StageContext) -> EvalInputs:
-    p = ctx.paths
-    return EvalInputs(test=p.test, train=p.train, model=p.model, classifier=p.classifier,
-                      reference_stats=p.reference_stats, checkpoints=p.checkpoints)
-
-
 def sample_paths(ctx: StageContext) -> dict:
     return {name: ctx.paths.samples_of(name) for name in ctx.section.sample_sets}
 
 
 def _inputs(ctx: StageContext) -> dict:
-    ins = eval_inputs(ctx)
+    ins = EvalInputs.from_paths(ctx.paths)
     return {**sample_paths(ctx), **{name: getattr(ins, name) for name in sorted(required_inputs(ctx.section))}}
 
 
@@ -39,7 +33,7 @@ def evaluate_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str
         cfg = ctx.section
         sampler = getattr(ctx.cfg, cfg.checkpoints.sampler) if cfg.checkpoints is not None else None
         metrics, rows = evaluate_samples(
-            cfg, sample_paths=sample_paths(ctx), inputs=eval_inputs(ctx), metrics_path=ctx.paths.metrics,
+            cfg, sample_paths=sample_paths(ctx), inputs=EvalInputs.from_paths(ctx.paths), metrics_path=ctx.paths.metrics,
             plots_dir=ctx.paths.plots, config_path=config or ctx.spec.config_file, sampler=sampler,
             settings=ctx.settings, device=ctx.device,
         )

@@ -45,6 +45,11 @@ class EvalInputs:
     reference_stats: Path | None = None
     checkpoints: Path | None = None
 
+    @classmethod
+    def from_paths(cls, paths) -> EvalInputs:
+        """The inputs at a pipeline's artifact paths (``flows.registry.Paths``: same attribute names)."""
+        return cls(**{f: getattr(paths, f) for f in cls.__dataclass_fields__})
+
 
 def required_inputs(cfg: Evaluate) -> set[str]:
     """Which :class:`EvalInputs` fields ``cfg`` reads: the flow hashes them into the MLflow run and a test checks

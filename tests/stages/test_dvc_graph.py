@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flows.registry import PIPELINES
-from tasks.evaluation import plot_files, required_inputs
+from tasks.evaluation import EvalInputs, plot_files, required_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_CODE = {"stein_core", "tasks/config.py", "tasks/io.py", "tasks/sampling.py", "tasks/sample_metrics.py",
@@ -31,9 +31,8 @@ def test_evaluate_stage_lists_what_its_config_reads_and_writes(stages, name):
     cfg = spec.load_config(REPO).evaluate
     paths = spec.paths(Path("."))
     stage = stages[spec.dvc_stage("evaluate")]
-    inputs = {"test": paths.test, "train": paths.train, "model": paths.model, "classifier": paths.classifier,
-              "reference_stats": paths.reference_stats, "checkpoints": paths.checkpoints}
-    needed = {str(paths.samples_of(s)) for s in cfg.sample_sets} | {str(inputs[k]) for k in required_inputs(cfg)}
+    inputs = EvalInputs.from_paths(paths)
+    needed = {str(paths.samples_of(s)) for s in cfg.sample_sets} | {str(getattr(inputs, k)) for k in required_inputs(cfg)}
     assert needed | EVAL_CODE <= set(stage["deps"]), needed | EVAL_CODE - set(stage["deps"])
     sections = {s for p in stage["params"] for s in p[spec.config_file]}
     assert "evaluate" in sections and (cfg.checkpoints is None or cfg.checkpoints.sampler in sections)
