@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import AnnealedLangevinSample, ConfigError, Evaluate
-from tasks.evaluation import EvalData, EvalInputs, checkpoint_config, evaluate_checkpoint, evaluate_sets, reference_metrics
+from tasks.evaluation import EvalData, EvalInputs, evaluate_checkpoint, evaluate_sets, reference_metrics
 from tasks.io import atomic_path, read_dataset, write_json
 from tasks.runtime import RuntimeSettings
 
@@ -56,9 +56,9 @@ def evaluate_samples(
     rows: list[dict[str, float]] = []
     if checkpoints:
         rows = _evaluate_checkpoints(cfg, checkpoints, inputs=inputs, sampler=sampler, settings=settings or RuntimeSettings(), device=device)
-        ck_data = EvalData(checkpoint_config(cfg), inputs, config_path=config_path, model_path=checkpoints[-1], device=device)
-        n = min(cfg.checkpoints.n_samples, len(ck_data.reference))
-        ck_ref = reference_metrics(ck_data, min(cfg.n_eval, n), n)
+        # the reference line of the curves: the reference set at the checkpoints' sample size
+        n = min(cfg.checkpoints.n_samples, len(data.reference))
+        ck_ref = reference_metrics(data, min(cfg.n_eval, n), n, cfg.checkpoints.metrics)
         _write_checkpoint_rows(rows, Path(plots_dir) / "checkpoints.csv")
         from tasks.plots import plot_checkpoints
 

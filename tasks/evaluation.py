@@ -57,10 +57,10 @@ def required_inputs(cfg: Evaluate) -> set[str]:
     need = {"test"}
     if cfg.reference == "train" or "nearest" in cfg.plots:
         need.add("train")
-    if "ksd_model" in cfg.metrics or "score_field" in cfg.plots:
+    listed = set(cfg.metrics) | set(cfg.checkpoints.metrics if cfg.checkpoints else ())
+    if "ksd_model" in listed or "score_field" in cfg.plots:
         need.add("model")
-    feature_metrics = set(cfg.metrics) | set(cfg.checkpoints.metrics if cfg.checkpoints else ())
-    if cfg.features == "classifier" and feature_metrics & FEATURE_METRICS:
+    if cfg.features == "classifier" and listed & FEATURE_METRICS:
         need.add("classifier")
         if cfg.reference == "train":
             need.add("reference_stats")
@@ -196,10 +196,10 @@ class EvalData:
         biased metrics such as FID are then biased alike)."""
         return SampleSet("reference", self.reference[:n], self.reference[:n_eval])
 
-    def generator(self, metric: str, s: SampleSet):
+    def generator(self, metric: str, set_name: str):
         import torch
 
-        return torch.Generator().manual_seed(_seed(self.cfg.seed, metric, s.name))
+        return torch.Generator().manual_seed(_seed(self.cfg.seed, metric, set_name))
 
     # ------------------------------------------------------------------------------------------ model
 
@@ -285,12 +285,15 @@ class EvalData:
             out |= METRICS[name].per_set(self, s)
         return out
 
-    def once(self, metrics: list[str] | None = None) -> dict[str, float]:
-        """What the listed metrics report once per model rather than per sample set."""
+    def once(self, metrics: list[str] | None = None, *, info: bool = True) -> dict[str, float]:
+        """What the listed metrics report once rather than per sample set: keys of the model itself and, with
+        ``info``, constants of the evaluation (the true weight, the feature classifier's accuracy)."""
         out: dict[str, float] = {}
         for name in self.cfg.metrics if metrics is None else metrics:
-            if METRICS[name].once is not None:
-                out |= METRICS[name].once(self)
+            metric = METRICS[name]
+            for part in (metric.per_model, metric.info if info else None):
+                if part is not None:
+                    out |= part(self)
         return out
 
 
@@ -299,10 +302,12 @@ class EvalData:
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric: ``per_set(data, s)`` -> its keys for one sample set; ``once(data)`` -> keys reported once."""
+    """A metric: ``per_set(data, s)`` -> its keys for one sample set; ``per_model(data)`` -> keys of the model
+    itself (they change along training); ``info(data)`` -> constants of the evaluation reported beside it."""
 
     per_set: Callable[[EvalData, SampleSet], dict[str, float]]
-    once: Callable[[EvalData], dict[str, float]] | None = None
+    per_model: Callable[[EvalData], dict[str, float]] | None = None
+    info: Callable[[EvalData], dict[str, float]] | None = None
 
 
 def _ksd_target(d: EvalData, s: SampleSet) -> dict[str, float]:
@@ -314,7 +319,7 @@ def _ksd_target(d: EvalData, s: SampleSet) -> dict[str, float]:
 
     x = s.x_eval
     res = ksd_test(x, d.mixture.score(x), make_kernel(d.cfg, torch.cat([x, d.comparison_eval])),
-                   n_bootstrap=d.cfg.n_bootstrap, generator=d.generator("ksd_target", s))
+                   n_bootstrap=d.cfg.n_bootstrap, generator=d.generator("ksd_target", s.name))
     return {"ksd": float(res.statistic), "ksd_p_value": float(res.p_value)}
 
 
@@ -326,7 +331,7 @@ def _mmd(d: EvalData, s: SampleSet) -> dict[str, float]:
 
     x, y = s.x_eval, d.comparison_eval
     res = mmd_permutation_test(x, y, make_kernel(d.cfg, torch.cat([x, y])), n_permutations=d.cfg.n_bootstrap,
-                               generator=d.generator("mmd", s))
+                               generator=d.generator("mmd", s.name))
     return {"mmd": float(res.statistic), "mmd_p_value": float(res.p_value)}
 
 
@@ -348,7 +353,7 @@ def _ksd_model(d: EvalData, s: SampleSet) -> dict[str, float]:
 
     x = s.x_eval
     res = ksd_test(x, d.model_score(x), make_kernel(d.cfg, x), n_bootstrap=d.cfg.n_bootstrap,
-                   generator=d.generator("ksd_model", s))
+                   generator=d.generator("ksd_model", s.name))
     return {"ksd_model": float(res.statistic), "ksd_model_p_value": float(res.p_value)}
 
 
@@ -358,7 +363,7 @@ def _ksd_model_heldout(d: EvalData) -> dict[str, float]:
 
     y = d.comparison_eval
     res = ksd_test(y, d.model_score(y), make_kernel(d.cfg, y), n_bootstrap=d.cfg.n_bootstrap,
-                   generator=d.generator("ksd_model", SampleSet("heldout", y, y)))
+                   generator=d.generator("ksd_model", "heldout"))
     return {"ksd_model_heldout": float(res.statistic), "ksd_model_heldout_p_value": float(res.p_value)}
 
 
@@ -377,7 +382,7 @@ def _kid(d: EvalData, s: SampleSet) -> dict[str, float]:
 
     f, g = d.features(s), d.comparison_features
     res = kid(g, f, n_subsets=d.cfg.kid_subsets, subset_size=min(d.cfg.kid_subset_size, len(f), len(g)),
-              generator=d.generator("kid", s))
+              generator=d.generator("kid", s.name))
     return {"kid": float(res.mean), "kid_std": float(res.std)}
 
 
@@ -408,14 +413,14 @@ def _feature_info(d: EvalData) -> dict[str, float]:
 
 METRICS: dict[str, Metric] = {
     "ksd_target": Metric(_ksd_target),
-    "ksd_model": Metric(_ksd_model, once=_ksd_model_heldout),
+    "ksd_model": Metric(_ksd_model, per_model=_ksd_model_heldout),
     "mmd": Metric(_mmd),
-    "mode_weight": Metric(_mode_weight, once=lambda d: {"true_weight": d.true_weight}),
+    "mode_weight": Metric(_mode_weight, info=lambda d: {"true_weight": d.true_weight}),
     "log_likelihood": Metric(_log_likelihood),
-    "fid": Metric(_fid, once=_feature_info),
-    "kid": Metric(_kid, once=_feature_info),
-    "inception_score": Metric(_inception_score, once=_feature_info),
-    "precision_recall": Metric(_precision_recall, once=_feature_info),
+    "fid": Metric(_fid, info=_feature_info),
+    "kid": Metric(_kid, info=_feature_info),
+    "inception_score": Metric(_inception_score, info=_feature_info),
+    "precision_recall": Metric(_precision_recall, info=_feature_info),
 }
 
 
@@ -436,9 +441,9 @@ def evaluate_sets(data: EvalData, sets: dict[str, Any], *, sources: dict[str, Pa
     return out
 
 
-def reference_metrics(data: EvalData, n_eval: int, n: int) -> dict[str, float]:
-    """The configured metrics of the reference set at the samples' sizes, keys prefixed ``ref_``."""
-    return {f"ref_{k}": v for k, v in data.evaluate(data.reference_set(n_eval, n)).items()}
+def reference_metrics(data: EvalData, n_eval: int, n: int, metrics: list[str] | None = None) -> dict[str, float]:
+    """The listed metrics (default: the config's) of the reference set at the samples' sizes, keys ``ref_*``."""
+    return {f"ref_{k}": v for k, v in data.evaluate(data.reference_set(n_eval, n), metrics).items()}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -475,6 +480,4 @@ def evaluate_checkpoint(
     step = int(load_checkpoint(path).get("step", -1))
     if not torch.isfinite(x).all():  # a diverged early checkpoint is a result, not an error
         return {"step": float(step), "finite_fraction": float(torch.isfinite(x).all(1).double().mean())}
-    # per-model keys that change along training (the held-out KSD of the model) stay; constants do not
-    once = {k: v for k, v in data.once().items() if k not in ("true_weight", "classifier_test_accuracy")}
-    return {"step": float(step), **once, **data.evaluate(data.sample_set("samples", x, source=path))}
+    return {"step": float(step), **data.once(info=False), **data.evaluate(data.sample_set("samples", x, source=path))}
