@@ -138,15 +138,16 @@ def plot_checkpoints(rows: list[dict[str, float]], *, reference: dict[str, float
     line marks the reference set's value of the same metric where there is one."""
     plt = _pyplot()
 
-    keys = [k for k in rows[0] if k != "step" and not k.endswith(("_p_value", "_std"))]
+    # the union over rows: a diverged checkpoint's row has only step and finite_fraction
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step" and not k.endswith(("_p_value", "_std"))]
     keys = [k for k in keys if any(np.isfinite(r.get(k, np.nan)) for r in rows)]
     cols = min(3, max(1, len(keys)))
     n_rows = -(-max(1, len(keys)) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.2 * n_rows), squeeze=False, constrained_layout=True)
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes.ravel(), keys):
-        ax.plot(steps, [r.get(key, np.nan) for r in rows], "o-", color="C0", label="samples of the checkpoint")
         values = [r.get(key, np.nan) for r in rows]
+        ax.plot(steps, values, "o-", color="C0", label="samples of the checkpoint")
         ref = reference.get(f"ref_{key}")
         if ref is not None:
             ax.axhline(ref, color="0.4", ls="--", lw=1, label="reference set")
