@@ -33,13 +33,19 @@ def test_profile_derivatives_match_autograd(kernel):
     r2 = torch.linspace(0.0, 9.0, 37, dtype=torch.float64).requires_grad_(True)
     phi, dphi, d2phi = kernel.profile(r2)
     torch.testing.assert_close(phi, direct_phi(kernel, r2), rtol=1e-14, atol=0)
+    _assert_profile_derivatives(kernel.profile, r2)
+
+
+def _assert_profile_derivatives(profile, r2):
+    """``profile(r2) = (φ, φ', φ'')``: the analytic derivatives equal autograd's of φ, and the profile itself is
+    differentiable (finite differences vs autograd, twice)."""
+    phi, dphi, d2phi = profile(r2)
     (g1,) = torch.autograd.grad(phi.sum(), r2, create_graph=True)
     (g2,) = torch.autograd.grad(g1.sum(), r2)
     torch.testing.assert_close(dphi, g1, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(d2phi, g2, rtol=1e-12, atol=1e-15)
-    # The profile itself is differentiable (finite differences vs autograd).
-    assert torch.autograd.gradcheck(kernel.profile, (r2.detach().requires_grad_(True),))
-    assert torch.autograd.gradgradcheck(kernel.profile, (r2.detach().requires_grad_(True),))
+    assert torch.autograd.gradcheck(profile, (r2.detach().requires_grad_(True),))
+    assert torch.autograd.gradgradcheck(profile, (r2.detach().requires_grad_(True),))
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
@@ -146,13 +152,7 @@ def test_sum_kernel_profile_is_sum_and_differentiable():
         torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
     torch.testing.assert_close(SUM.phi(r2), SUM.profile(r2)[0], rtol=1e-14, atol=0)
     # The derivatives of the summed profile are those of the summed phi (autograd).
-    phi, dphi, d2phi = SUM.profile(r2)
-    (g1,) = torch.autograd.grad(phi.sum(), r2, create_graph=True)
-    (g2,) = torch.autograd.grad(g1.sum(), r2)
-    torch.testing.assert_close(dphi, g1, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(d2phi, g2, rtol=1e-12, atol=1e-15)
-    assert torch.autograd.gradcheck(SUM.profile, (r2.detach().requires_grad_(True),))
-    assert torch.autograd.gradgradcheck(SUM.profile, (r2.detach().requires_grad_(True),))
+    _assert_profile_derivatives(SUM.profile, r2)
     # Gram of the sum = sum of the Grams.
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64)

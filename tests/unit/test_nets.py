@@ -40,14 +40,20 @@ def test_output_is_scaled_by_inverse_sigma():
         assert f.abs().max() < 10.0
 
 
-def test_model_args_round_trip(tmp_path):
-    net = make(seed=0, hidden=24, n_layers=2, embed_dim=8)
-    assert net.model_args == {"dim": 2, "hidden": 24, "n_layers": 2, "embed_dim": 8}
+def _round_trip(net, cls, tmp_path):
+    """Save ``model_args`` and weights, load them with ``weights_only=True``, rebuild a ``cls``."""
     path = tmp_path / "ckpt.pt"
     torch.save({"model_args": net.model_args, "state_dict": net.state_dict()}, path)
     ckpt = torch.load(path, weights_only=True)
-    rebuilt = NoiseConditionalMLP(**ckpt["model_args"])
+    rebuilt = cls(**ckpt["model_args"])
     rebuilt.load_state_dict(ckpt["state_dict"])
+    return rebuilt
+
+
+def test_model_args_round_trip(tmp_path):
+    net = make(seed=0, hidden=24, n_layers=2, embed_dim=8)
+    assert net.model_args == {"dim": 2, "hidden": 24, "n_layers": 2, "embed_dim": 8}
+    rebuilt = _round_trip(net, NoiseConditionalMLP, tmp_path)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
     sig = torch.rand(16, generator=torch.Generator().manual_seed(5)) + 0.1
     assert torch.equal(rebuilt(x, sig), net(x, sig))
@@ -152,11 +158,7 @@ def test_conv_model_args_round_trip_weights_only(tmp_path):
         "in_channels": 1, "image_size": 28, "base_channels": 8, "channel_mults": [1, 2, 2],
         "num_res_blocks": 2, "embed_dim": 8,
     }
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model_args": net.model_args, "state_dict": net.state_dict()}, path)
-    ckpt = torch.load(path, weights_only=True)
-    rebuilt = NoiseConditionalConvNet(**ckpt["model_args"])
-    rebuilt.load_state_dict(ckpt["state_dict"])
+    rebuilt = _round_trip(net, NoiseConditionalConvNet, tmp_path)
     x = torch.rand(2, 784, generator=torch.Generator().manual_seed(5))
     sig = torch.tensor([0.1, 3.0])
     assert torch.equal(rebuilt(x, sig), net(x, sig))
