@@ -278,8 +278,9 @@ class GMMBlindnessConfig(_CheckpointSampler, _Section):
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) if loc else "<root>"
+def _format_loc(loc: tuple[Any, ...]) -> str | None:
+    """The dotted key of a validation error; None for a whole-config check (its message names its keys)."""
+    return ".".join(str(p) for p in loc) if loc else None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -304,7 +305,7 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = _format_loc(err["loc"]) if err["loc"] else None  # a whole-config check names its keys itself
+        key = _format_loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a parameter of this stage; check the spelling)"
