@@ -463,7 +463,7 @@ def evaluate_checkpoint(
     import torch
 
     from tasks.io import load_checkpoint
-    from tasks.sampling import annealed_chains, load_score_model
+    from tasks.sampling import annealed_chains, draw_in_batches, load_score_model
 
     torch.set_num_threads(threads)
     full = Evaluate.model_validate(cfg)
@@ -472,11 +472,8 @@ def evaluate_checkpoint(
     data = EvalData(ck, inputs, model_path=path, device=device)
     model, sigmas, shape = load_score_model(path, device)
     gen = torch.Generator(device=device).manual_seed(sampler_cfg.seed)
-    chunks, n = [], full.checkpoints.n_samples
-    for start in range(0, n, sampler_cfg.batch_size):
-        m = min(sampler_cfg.batch_size, n - start)
-        chunks.append(annealed_chains(model, sigmas, sampler_cfg, m, math.prod(shape), generator=gen).cpu())
-    x = torch.cat(chunks)
+    x = draw_in_batches(full.checkpoints.n_samples, sampler_cfg.batch_size,
+                        lambda m: annealed_chains(model, sigmas, sampler_cfg, m, math.prod(shape), generator=gen))
     step = int(load_checkpoint(path).get("step", -1))
     if not torch.isfinite(x).all():  # a diverged early checkpoint is a result, not an error
         return {"step": float(step), "finite_fraction": float(torch.isfinite(x).all(1).double().mean())}

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import AnnealedLangevinSample, LangevinSample
 from tasks.io import file_md5, write_dataset
-from tasks.sampling import annealed_chains, load_score_model
+from tasks.sampling import annealed_chains, draw_in_batches, load_score_model
 
 log = logging.getLogger("stein")
 
@@ -33,17 +33,13 @@ def _sample_in_batches(
 ) -> dict[str, float]:
     """Run ``run_chains(m, bar) -> [m, d]`` on batches of at most ``batch_size`` chains with a progress bar of
     ``steps_per_batch`` ticks per batch, then write the samples with the sampler's metadata."""
-    import torch
     from tqdm.auto import tqdm
 
-    chunks, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
     n_batches = -(-n_samples // batch_size)
     with tqdm(total=n_batches * steps_per_batch, desc=desc, unit=unit, mininterval=2.0) as bar:
-        for b in range(n_batches):
-            m = min(batch_size, n_samples - b * batch_size)
-            chunks.append(run_chains(m, bar).detach().cpu())
+        x = draw_in_batches(n_samples, batch_size, lambda m: run_chains(m, bar)).numpy()
     seconds = time.perf_counter() - t0
-    x = torch.cat(chunks).numpy()
     write_dataset(out_path, x, shape=shape, metadata={"split": "samples", "model_md5": file_md5(model_path), **metadata})
     log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
     return {"sample_seconds": seconds, "chain_steps_per_s": n_samples * steps_per_chain / seconds}

@@ -48,3 +48,11 @@ def annealed_chains(model, sigmas, cfg: AnnealedLangevinSample, n: int, dim: int
         score_fn, x0, sigmas, eps=cfg.eps, n_steps_each=cfg.n_steps_each, generator=generator,
         denoise=cfg.denoise, callback=callback,
     )
+
+
+def draw_in_batches(n: int, batch_size: int, run_chains: Callable):
+    """``run_chains(m) -> [m, d]`` on consecutive batches of at most ``batch_size`` chains -> ``[n, d]`` on the
+    CPU (the batches draw from whatever generator ``run_chains`` holds, in order)."""
+    import torch
+
+    return torch.cat([run_chains(min(batch_size, n - start)).detach().cpu() for start in range(0, n, batch_size)])
