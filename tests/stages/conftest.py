@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -13,3 +15,21 @@ def digits_split(tmp_path_factory):
     d = tmp_path_factory.mktemp("digits")
     prepare_images.fn(ImagePrepare(seed=0), d / "train.parquet", d / "test.parquet")
     return d
+
+
+@pytest.fixture
+def mlp_checkpoint():
+    """Write a small, seeded 2-D noise-conditional MLP checkpoint: ``mlp_checkpoint(path, sigmas) -> path``."""
+
+    def write(path: Path, sigmas=(3.0, 1.0, 0.3)) -> Path:
+        import torch
+
+        from stein_core import NoiseConditionalMLP
+        from tasks.io import save_checkpoint
+
+        torch.manual_seed(0)
+        net = NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)
+        save_checkpoint(path, state_dict=net.state_dict(), model_args=net.model_args, sigmas=list(sigmas))
+        return path
+
+    return write

@@ -26,22 +26,13 @@ def _mixture():
     return GaussianMixture(SPEC["weights"], SPEC["means"], SPEC["stds"])
 
 
-def _mlp(path: Path, sigmas=(3.0, 1.0, 0.3), seed: int = 0) -> Path:
-    from stein_core import NoiseConditionalMLP
-
-    torch.manual_seed(seed)
-    net = NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)
-    save_checkpoint(path, state_dict=net.state_dict(), model_args=net.model_args, sigmas=list(sigmas))
-    return path
-
-
 def _run(cfg: Evaluate, sets: dict[str, Path], inputs: EvalInputs, out: Path, **kw):
     return evaluate_samples.fn(cfg, sample_paths=sets, inputs=inputs, metrics_path=out / "metrics.json",
                                plots_dir=out / "plots", **kw)
 
 
 @pytest.fixture
-def toy(tmp_path):
+def toy(tmp_path, mlp_checkpoint):
     """A held-out set with its mixture recorded, exact samples, shifted samples, and a score network."""
     gen = torch.Generator().manual_seed(0)
     mix = _mixture()
@@ -51,7 +42,7 @@ def toy(tmp_path):
     write_dataset(tmp_path / "bad.parquet", (good + torch.tensor([1.5, 0.0])).numpy())
     blind = type(mix)([0.5, 0.5], SPEC["means"], SPEC["stds"]).sample(1000, generator=gen)[0]
     write_dataset(tmp_path / "blind.parquet", blind.numpy())
-    return tmp_path, EvalInputs(test=tmp_path / "test.parquet", model=_mlp(tmp_path / "m.pt"))
+    return tmp_path, EvalInputs(test=tmp_path / "test.parquet", model=mlp_checkpoint(tmp_path / "m.pt"))
 
 
 def test_toy_metrics_score_exact_samples_well_and_shifted_samples_badly(toy):

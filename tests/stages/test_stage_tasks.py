@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks.config import AnnealedLangevinSample, GMMPrepare, NCSNTrain
-from tasks.io import read_dataset, save_checkpoint
+from tasks.io import read_dataset
 from tasks.prepare import prepare_gmm
 from tasks.sample import sample_annealed_langevin
 
@@ -31,18 +31,8 @@ def test_prepare_writes_seeded_mixture(project):
     np.testing.assert_array_equal(read_dataset(again).x, ds.x)
 
 
-def _model(project, dim=2, sigmas=(3.0, 1.0, 0.3)):
-    from stein_core import NoiseConditionalMLP
-
-    torch.manual_seed(0)
-    net = NoiseConditionalMLP(dim=dim, hidden=16, n_layers=2, embed_dim=8)
-    path = project / "models" / "m.pt"
-    save_checkpoint(path, state_dict=net.state_dict(), model_args=net.model_args, sigmas=list(sigmas))
-    return path
-
-
-def test_sample_is_reproducible_and_tagged(project):
-    model = _model(project)
+def test_sample_is_reproducible_and_tagged(project, mlp_checkpoint):
+    model = mlp_checkpoint(project / "models" / "m.pt")
     cfg = AnnealedLangevinSample(seed=11, n_samples=300, eps=1e-3, n_steps_each=5, batch_size=128)
     a, b = project / "a.parquet", project / "b.parquet"
     info = sample_annealed_langevin.fn(cfg, model_path=model, out_path=a)
@@ -83,11 +73,11 @@ def test_train_through_ray_train_writes_checkpoint_and_curve(project):
     assert rows[0] == "step,dsm_loss" and [r.split(",")[0] for r in rows[1:]] == ["20", "40", "60"]
 
 
-def test_langevin_sampler_is_reproducible_and_records_sigma(project):
+def test_langevin_sampler_is_reproducible_and_records_sigma(project, mlp_checkpoint):
     from tasks.config import LangevinSample
     from tasks.sample import sample_langevin
 
-    model = _model(project, sigmas=(3.0, 1.0, 0.3))
+    model = mlp_checkpoint(project / "models" / "m.pt", sigmas=(3.0, 1.0, 0.3))
     cfg = LangevinSample(seed=5, n_samples=200, step_size=1e-2, n_steps=20, init_std=2.0, batch_size=128)
     a, b = project / "a.parquet", project / "b.parquet"
     sample_langevin.fn(cfg, model_path=model, out_path=a)
