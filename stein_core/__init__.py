@@ -10,7 +10,9 @@ Modules: ``kernels`` (RBF, IMQ, sums, deep kernels, closed-form derivatives),
 permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
 ``score_matching`` (exact, denoising, sliced score matching), ``samplers``
 (ULA, MALA, RWMH, underdamped Langevin, HMC, annealed Langevin), ``nets``
-(noise-conditional MLP and conv score networks), ``ema`` (weight averaging),
+(noise-conditional MLP and conv score networks, MLP and conv generators),
+``generators`` (approximate-gradient-descent and MMD losses for implicit
+generators), ``ema`` (weight averaging),
 ``metrics`` (Fréchet distance, KID, Inception score, precision/recall, streaming
 moments), ``features`` (FID Inception-v3, a LeNet classifier as feature extractors).
 Each module's ``__all__`` is re-exported here.
@@ -21,6 +23,7 @@ from . import (
     distributions,
     ema,
     features,
+    generators,
     kernels,
     metrics,
     nets,
@@ -33,6 +36,7 @@ from .discrepancies import *  # noqa: F403
 from .distributions import *  # noqa: F403
 from .ema import *  # noqa: F403
 from .features import *  # noqa: F403
+from .generators import *  # noqa: F403
 from .kernels import *  # noqa: F403
 from .metrics import *  # noqa: F403
 from .nets import *  # noqa: F403
@@ -45,8 +49,8 @@ __all__ = sorted(
     {
         name
         for module in (
-            discrepancies, distributions, ema, features, kernels, metrics, nets, samplers, score_estimators,
-            score_matching, tests_stat,
+            discrepancies, distributions, ema, features, generators, kernels, metrics, nets, samplers,
+            score_estimators, score_matching, tests_stat,
         )
         for name in module.__all__
     }

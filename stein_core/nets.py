@@ -1,7 +1,10 @@
-"""Small score networks.
+"""Small score networks and implicit generators.
 
-Shapes: ``x [n, d]`` (MLP) or ``[n, C, H, W]`` / flattened ``[n, C*H*W]`` (conv net), ``sigma [n]`` or
-scalar; the output has the shape of ``x``.
+Score networks -- shapes: ``x [n, d]`` (MLP) or ``[n, C, H, W]`` / flattened ``[n, C*H*W]`` (conv net),
+``sigma [n]`` or scalar; the output has the shape of ``x``.
+
+Generators (:class:`MLPGenerator`, :class:`ConvGenerator`) -- latent ``z [n, latent_dim]`` to samples
+``x [n, d]`` (images flattened to ``d = C*H*W``), trained by the losses of :mod:`stein_core.generators`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["NoiseConditionalConvNet", "NoiseConditionalMLP"]
+from ._random import randn
+
+__all__ = ["ConvGenerator", "MLPGenerator", "NoiseConditionalConvNet", "NoiseConditionalMLP"]
 
 
 class NoiseConditionalMLP(nn.Module):
@@ -263,3 +268,143 @@ class NoiseConditionalConvNet(nn.Module):
                 h = block(h, emb)
         out = self.conv_out(self.act(self.norm_out(h)))  # [n, C, H, W]
         return (out / s[:, None, None, None]).reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Implicit generators x = G_theta(z), z ~ N(0, I)
+# ---------------------------------------------------------------------------
+class _Generator(nn.Module):
+    """Shared parts of the generators: ``latent_dim``, ``model_args`` and :meth:`sample`."""
+
+    latent_dim: int
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``G(z)`` for ``n`` latents ``z ~ N(0, I)`` drawn from ``generator``, on the parameters' device and dtype.
+
+        Returns ``[n, d]``; differentiable wrt the parameters.
+        """
+        like = next(self.parameters())
+        return self(randn((int(n), self.latent_dim), like=like, generator=generator))
+
+
+class MLPGenerator(_Generator):
+    """Fully connected generator ``x = G_theta(z)``: ``z [n, latent_dim]`` -> ``x [n, out_dim]``.
+
+    ``n_layers`` hidden layers of width ``hidden`` with SiLU activations and a linear output layer (no
+    output squashing: for unbounded data such as the 2-D toy distributions). Every row of the output depends
+    only on its own latent (no batch statistics), so a batch split over workers gives the same samples.
+
+    ``self.model_args`` holds the constructor arguments, so that ``MLPGenerator(**ckpt["model_args"])``
+    rebuilds the network; ``self.latent_dim`` is the latent size.
+    """
+
+    def __init__(self, latent_dim: int, out_dim: int, hidden: int = 128, n_layers: int = 3) -> None:
+        super().__init__()
+        if min(latent_dim, out_dim, hidden, n_layers) < 1:
+            raise ValueError("latent_dim, out_dim, hidden and n_layers must be >= 1")
+        self.model_args = {
+            "latent_dim": int(latent_dim),
+            "out_dim": int(out_dim),
+            "hidden": int(hidden),
+            "n_layers": int(n_layers),
+        }
+        self.latent_dim = int(latent_dim)
+        layers: list[nn.Module] = []
+        width = latent_dim
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z [n, latent_dim]`` -> ``[n, out_dim]``."""
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must be [n, {self.latent_dim}], got {tuple(z.shape)}")
+        return self.net(z)
+
+
+def _upsampling_stages(h: int, w: int) -> int:
+    """Upsampling stages ``k``: the most with ``min(H, W) / 2^k >= 4`` (8 -> 1, 28 -> 2, 32 -> 3; 0 below 8)."""
+    k = 0
+    while min(h, w) / 2 ** (k + 1) >= 4:
+        k += 1
+    return k
+
+
+class ConvGenerator(_Generator):
+    """DCGAN-style convolutional generator for images in ``[0, 1]``: ``z [n, latent_dim]`` -> ``x [n, C*H*W]``.
+
+    Radford, Metz & Chintala, "Unsupervised Representation Learning with Deep Convolutional Generative
+    Adversarial Networks", ICLR 2016, with two changes:
+
+    * Upsampling is nearest-neighbour x2 followed by a 3x3 convolution instead of a transposed convolution,
+      which avoids checkerboard artefacts (Odena, Dumoulin & Olah, "Deconvolution and Checkerboard
+      Artifacts", Distill 2016).
+    * GroupNorm instead of BatchNorm. BatchNorm normalises with statistics of the whole batch, so a sample
+      depends on the other latents of its batch: a batch split over N data-parallel workers would give other
+      samples (and gradients) than the same batch on one worker, and a sample would change with the batch
+      size. GroupNorm normalises each example on its own, so ``G`` acts row by row and the "N workers == 1
+      worker" equivalence of the training loop holds.
+
+    Layout: a linear projection of ``z`` to ``base_channels * 2^k`` maps of size ``h0 x w0`` with
+    ``h0 = ceil(H / 2^k)``, ``w0 = ceil(W / 2^k)``; ``k`` blocks (upsample x2, conv3x3, GroupNorm, ReLU), each
+    halving the channels down to ``base_channels``; a 3x3 convolution to ``C`` channels and a sigmoid. ``k``
+    is the most stages with ``min(H, W) / 2^k >= 4``: (1, 8, 8) -> 4x4, one stage; (1, 28, 28) -> 7x7, two
+    stages; (3, 32, 32) -> 4x4, three stages. When ``h0 2^k`` exceeds ``H`` (odd sizes, e.g. 28 x 20 ->
+    7 x 5 -> 28 x 20 exactly, but 30 -> 8 -> 32) the map is centre-cropped to ``H x W`` before the last
+    convolution.
+
+    Args:
+        latent_dim: size of ``z``.
+        shape: ``(C, H, W)`` of the images.
+        base_channels: channels of the last (full-resolution) block.
+
+    ``self.model_args`` holds the constructor arguments (plain ints and a list), so that
+    ``ConvGenerator(**ckpt["model_args"])`` rebuilds the network from a ``weights_only`` checkpoint;
+    ``self.latent_dim`` is the latent size and ``self.image_shape`` the ``(C, H, W)``.
+    """
+
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int] | list[int] = (1, 28, 28),
+                 base_channels: int = 32) -> None:
+        super().__init__()
+        shape_t = tuple(int(s) for s in shape)
+        if len(shape_t) != 3 or min(shape_t) < 1:
+            raise ValueError(f"shape must be (C, H, W) with positive entries, got {shape!r}")
+        if latent_dim < 1 or base_channels < 1:
+            raise ValueError("latent_dim and base_channels must be >= 1")
+        c, h, w = shape_t
+        self.model_args = {"latent_dim": int(latent_dim), "shape": list(shape_t), "base_channels": int(base_channels)}
+        self.latent_dim = int(latent_dim)
+        self.image_shape = shape_t  # (C, H, W)
+        k = _upsampling_stages(h, w)
+        self.n_stages = k
+        self.h0, self.w0 = math.ceil(h / 2**k), math.ceil(w / 2**k)
+        ch = base_channels * 2**k
+        self.project = nn.Linear(latent_dim, ch * self.h0 * self.w0)
+        self.norm_in = nn.GroupNorm(_group_count(ch), ch)
+        blocks: list[nn.Module] = []
+        for _ in range(k):
+            out = ch // 2
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(ch, out, 3, padding=1),
+                nn.GroupNorm(_group_count(out), out),
+                nn.ReLU(),
+            ]
+            ch = out
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z [n, latent_dim]`` -> images in ``(0, 1)``, flattened ``[n, C*H*W]``."""
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must be [n, {self.latent_dim}], got {tuple(z.shape)}")
+        n = z.shape[0]
+        c, h, w = self.image_shape
+        x = self.project(z).reshape(n, -1, self.h0, self.w0)  # [n, base*2^k, h0, w0]
+        x = F.relu(self.norm_in(x))
+        x = self.blocks(x)  # [n, base, h0*2^k, w0*2^k]
+        top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+        x = x[..., top : top + h, left : left + w]  # [n, base, H, W]
+        return torch.sigmoid(self.conv_out(x)).reshape(n, c * h * w)  # [n, C*H*W]

@@ -523,6 +523,10 @@ def annealed_langevin(
 
     For each level ``sigma_i`` (descending), ``n_steps_each`` ULA steps with
     ``alpha_i = eps * sigma_i^2 / sigma_L^2`` on ``x -> score_fn(x, sigma_i)``.
+    The step is ``x + alpha_i s(x) + sqrt(2 alpha_i) z`` (:func:`langevin_step`,
+    the Euler step of ``dx = s dt + sqrt(2) dW``); Algorithm 1 writes
+    ``x + (alpha_i / 2) s + sqrt(alpha_i) z``, the same chain with its ``eps``
+    twice ours: ``eps`` here is the paper's ``eps / 2``.
     With ``denoise=True`` a final Tweedie step ``x + sigma_L^2 s(x, sigma_L)``
     is applied (Song & Ermon, "Improved Techniques for Training Score-Based
     Generative Models", NeurIPS 2020).

@@ -70,6 +70,23 @@ _WEIGHTINGS = ("sigma2", "none")
 _REDUCTIONS = ("mean", "sum")
 
 
+def _check_levels(levels: Tensor, n: int, n_levels: int) -> Tensor:
+    """Validate caller-supplied level indices: an ``[n]`` integer tensor with values in ``[0, n_levels)``."""
+    integer = isinstance(levels, Tensor) and not (
+        levels.dtype.is_floating_point or levels.dtype.is_complex or levels.dtype == torch.bool
+    )
+    if not integer:
+        raise ValueError(f"levels must be an integer tensor, got {getattr(levels, 'dtype', type(levels))}")
+    if tuple(levels.shape) != (n,):
+        raise ValueError(f"levels must have shape [n={n}], got {tuple(levels.shape)}")
+    if n and bool(((levels < 0) | (levels >= n_levels)).any()):
+        raise ValueError(
+            f"levels must index sigmas, in [0, {n_levels}); got values in "
+            f"[{int(levels.min())}, {int(levels.max())}]"
+        )
+    return levels.long()
+
+
 def get_dsm_loss_fn(
     sigmas: Tensor | Sequence[float],
     *,
@@ -95,10 +112,20 @@ def get_dsm_loss_fn(
         reduce: ``"mean"`` or ``"sum"`` over the batch.
 
     Returns:
-        ``loss_fn(score_fn, x, generator=None) -> 0-dim tensor``, where
-        ``score_fn(x_tilde [n, *event], sigma [n]) -> [n, *event]`` and ``x`` is
-        ``[n, *event]``. Noise and levels come from ``generator``; dtype and device
-        follow ``x``.
+        ``loss_fn(score_fn, x, generator=None, *, levels=None, noise=None) -> 0-dim tensor``,
+        where ``score_fn(x_tilde [n, *event], sigma [n]) -> [n, *event]`` and ``x`` is
+        ``[n, *event]``. Levels are drawn first, then the noise, both from ``generator``;
+        dtype and device follow ``x``. ``levels`` (``[n]`` integer indices into ``sigmas``)
+        and ``noise`` (``[n, *event]``, the ``z`` above) replace the corresponding draw
+        when given (a given one draws nothing), so that a data-parallel caller can draw
+        the randomness of the global batch once and hand each worker its rows: with
+        ``reduce="mean"`` the mean of equal-sized shards' losses is the global loss.
+        ``noise`` is cast to the dtype and device of ``x``.
+
+    Raises:
+        ValueError: on invalid options, or (from ``loss_fn``) when ``levels`` is not
+            an ``[n]`` integer tensor with values in ``[0, L)`` or ``noise`` does not
+            have the shape of ``x``.
     """
     sig = torch.as_tensor(sigmas).detach().flatten()
     if sig.numel() < 1 or not bool((sig > 0).all()):
@@ -110,13 +137,26 @@ def get_dsm_loss_fn(
     n_levels = sig.numel()
 
     def loss_fn(
-        score_fn: ScoreFn, x: Tensor, generator: torch.Generator | None = None
+        score_fn: ScoreFn,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        levels: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         n = x.shape[0]
-        idx = randint(n_levels, (n,), device=x.device, generator=generator)  # [n]
+        if levels is None:
+            idx = randint(n_levels, (n,), device=x.device, generator=generator)  # [n]
+        else:
+            idx = _check_levels(levels, n, n_levels).to(x.device)  # [n]
         sigma = sig.to(dtype=x.dtype, device=x.device)[idx]  # [n]
         sigma_b = sigma.reshape((n,) + (1,) * (x.ndim - 1))  # [n, 1, ...]
-        z = randn(x.shape, like=x, generator=generator)  # [n, *event]
+        if noise is None:
+            z = randn(x.shape, like=x, generator=generator)  # [n, *event]
+        else:
+            if tuple(noise.shape) != tuple(x.shape):
+                raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+            z = noise.to(dtype=x.dtype, device=x.device)  # [n, *event]
         x_tilde = x + sigma_b * z
         s = score_fn(x_tilde, sigma)  # [n, *event]
         if weighting == "sigma2":

@@ -412,3 +412,58 @@ def test_loss_differentiable_wrt_x_that_requires_grad(method):
     assert x.grad is None
     loss.backward()
     torch.testing.assert_close(x.grad, (x.detach() @ A_LIN.T + B_LIN) @ A_LIN / 20)
+
+
+# ---------------------------------------------------------------------------
+# Caller-supplied levels and noise (data-parallel training draws the global batch's randomness once).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(48, 3), (48, 1, 4, 4)], ids=["vector", "image"])
+def test_dsm_loss_given_levels_and_noise(shape):
+    sigmas = geometric_sigmas(5.0, 0.1, 6, dtype=torch.float64)
+    loss_fn = get_dsm_loss_fn(sigmas)
+    net_param = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def score(x_tilde, sigma):  # depends on sigma and on a parameter, so levels and gradients both matter
+        return -net_param * x_tilde / (1.0 + sigma.reshape((-1,) + (1,) * (x_tilde.ndim - 1)) ** 2)
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    n = shape[0]
+    default = loss_fn(score, x, generator=torch.Generator().manual_seed(31))
+    # The default call draws levels first, then noise, from the one generator: the same draws handed in
+    # reproduce it bit for bit.
+    gen = torch.Generator().manual_seed(31)
+    levels = torch.randint(0, 6, (n,), generator=gen)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+    given = loss_fn(score, x, levels=levels, noise=noise)
+    assert torch.equal(given, default)
+    # Only one of them given: the other is drawn (levels given -> only the noise is drawn).
+    only_levels = loss_fn(score, x, generator=torch.Generator().manual_seed(32), levels=levels)
+    ref = loss_fn(score, x, levels=levels, noise=torch.randn(shape, generator=torch.Generator().manual_seed(32),
+                                                             dtype=torch.float64))
+    assert torch.equal(only_levels, ref)
+    # Two equal shards of the global batch: the mean of the shard means is the global mean, and so is the
+    # mean of the shard gradients (what N data-parallel workers average).
+    (g_full,) = torch.autograd.grad(given, net_param)
+    h = n // 2
+    halves = [loss_fn(score, x[sl], levels=levels[sl], noise=noise[sl]) for sl in (slice(0, h), slice(h, n))]
+    torch.testing.assert_close(0.5 * (halves[0] + halves[1]), given, rtol=1e-14, atol=0)
+    g_halves = [torch.autograd.grad(hv, net_param)[0] for hv in halves]
+    torch.testing.assert_close(0.5 * (g_halves[0] + g_halves[1]), g_full, rtol=1e-13, atol=0)
+
+
+def test_dsm_loss_given_levels_and_noise_validation():
+    loss_fn = get_dsm_loss_fn(geometric_sigmas(5.0, 0.1, 4))
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(33))
+    score = gaussian_noisy_score(1.0)
+    ok = torch.zeros(10, dtype=torch.long)
+    for bad in (torch.zeros(9, dtype=torch.long), torch.zeros(10, 1, dtype=torch.long), torch.zeros(10),
+                torch.full((10,), 4), torch.full((10,), -1)):
+        with pytest.raises(ValueError, match="levels"):
+            loss_fn(score, x, levels=bad)
+    with pytest.raises(ValueError, match="noise"):
+        loss_fn(score, x, levels=ok, noise=torch.zeros(10, 3))
+    # int32 indices are accepted; float32 noise is used as given.
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(34))
+    torch.testing.assert_close(loss_fn(score, x, levels=ok.int(), noise=z), loss_fn(score, x, levels=ok, noise=z))
