@@ -1,4 +1,4 @@
-"""Stage flow: train (DVC stage ``<pipeline>-train``), distributed with Ray Train."""
+"""Stage flow: train (DVC stage ``<pipeline>-train``), any model family, distributed with Ray Train."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows.registry import run_stage
 from tasks.tracking import tracking_uri
-from tasks.train import train_ncsn
+from tasks.train import train_model
 
 
 @flow(name="train", log_prints=True)
@@ -16,21 +16,27 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = 
 
         settings = ctx.settings
         mlflow.log_params({"runtime.num_workers": settings.num_workers, "runtime.use_gpu": settings.resolved_use_gpu()})
-        info = train_ncsn(
+        mlflow.set_tag("stein.family", ctx.section.family)
+        info = train_model(
             ctx.section,
             data_path=ctx.paths.train,
+            heldout_path=ctx.paths.test if ctx.section.heldout_every else None,
             model_path=ctx.paths.model,
             checkpoints_dir=ctx.paths.checkpoints,
-            loss_csv=ctx.paths.plots / "train_loss.csv",
+            curves_dir=ctx.paths.plots,
             pipeline=pipeline,
-            mlflow_run_id=run.info.run_id,  # Ray worker rank 0 logs the loss curve into this run
+            mlflow_run_id=run.info.run_id,  # Ray worker rank 0 logs the step metrics into this run
             mlflow_tracking_uri=tracking_uri(ctx.root),
             settings=settings,
         )
         return info | {"compute_seconds": info["train_loop_seconds"]}
 
+    def artifacts(ctx):
+        curves = [ctx.paths.plots / "train_loss.csv"] + ([ctx.paths.plots / "heldout.csv"] if ctx.section.heldout_every else [])
+        return [(ctx.paths.model, "model"), *((c, "plots") for c in curves)]
+
     return run_stage(
         pipeline, config, stage, compute=compute,
-        inputs=lambda ctx: {"train": ctx.paths.train}, outputs=lambda ctx: {"model": ctx.paths.model},
-        artifacts=lambda ctx: [(ctx.paths.model, "model"), (ctx.paths.plots / "train_loss.csv", "plots")],
+        inputs=lambda ctx: {"train": ctx.paths.train, **({"test": ctx.paths.test} if ctx.section.heldout_every else {})},
+        outputs=lambda ctx: {"model": ctx.paths.model}, artifacts=artifacts,
     )

@@ -9,7 +9,7 @@ CLI turns it into exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,17 +24,30 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class KeyedError(ValueError):
+    """A check across keys, raised inside a validator: ``load_config`` reports ``key`` as the failing key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --------------------------------------------------------------------------------------------- gmm2d
+# --------------------------------------------------------------------------------------------- prepare
 
 
-class GMMPrepare(_Section):
-    """A 2-D Gaussian mixture with isotropic components: train and test sets drawn from one seed."""
-
+class _PrepareBase(_Section):
     seed: int = 0
+
+
+class MixturePrepare(_PrepareBase):
+    """A Gaussian mixture with isotropic components given by its weights and means: train and test sets drawn
+    from one seed; the mixture is recorded in the data's metadata so that later stages know the true score."""
+
+    source: Literal["mixture"]
     n_train: int = Field(20000, ge=2)
     n_test: int = Field(4000, ge=4)
     weights: list[float] = Field(default_factory=lambda: [0.8, 0.2], min_length=1)
@@ -42,7 +55,7 @@ class GMMPrepare(_Section):
     std: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> GMMPrepare:
+    def _check(self) -> MixturePrepare:
         if len(self.weights) != len(self.means):
             raise ValueError(f"weights has {len(self.weights)} entries but means has {len(self.means)}")
         if any(w <= 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
@@ -53,81 +66,23 @@ class GMMPrepare(_Section):
         return self
 
 
-class _NCSNTrainBase(_Section):
-    """Denoising score matching over a geometric noise ladder (NCSN, Song & Ermon 2019): what every score
-    network's train stage shares."""
+class RingPrepare(_PrepareBase):
+    """``n_modes`` equally weighted isotropic Gaussians evenly spaced on a circle of ``radius`` in the plane (the
+    ring of 8 Gaussians of the GAN mode-collapse literature); recorded as a mixture like ``source: mixture``."""
 
-    seed: int = 1
-    sigma_max: float = Field(20.0, gt=0, description="σ_1, the largest noise level")
-    sigma_min: float = Field(0.1, gt=0, description="σ_L, the smallest noise level")
-    n_sigmas: int = Field(10, ge=1)
-    embed_dim: int = Field(32, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="cosine decay to 0 over n_steps; a constant rate leaves small-σ scores ~10x less accurate"
-    )
-    batch_size: int = Field(256, ge=1)
-    n_steps: int = Field(3000, ge=1)
-    log_every: int = Field(100, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.n_sigmas > 1 and not self.sigma_max > self.sigma_min:
-            raise ValueError(
-                f"sigma_max (σ_1={self.sigma_max}) must be larger than sigma_min (σ_L={self.sigma_min})"
-            )
-        if self.n_sigmas == 1 and self.sigma_max != self.sigma_min:
-            raise ValueError("with n_sigmas=1, sigma_max and sigma_min must be equal")
-        return self
+    source: Literal["ring"]
+    n_train: int = Field(20000, ge=2)
+    n_test: int = Field(4000, ge=4)
+    n_modes: int = Field(8, ge=2, le=64)
+    radius: float = Field(2.0, gt=0)
+    std: float = Field(0.1, gt=0)
 
 
-class NCSNTrain(_NCSNTrainBase):
-    """A noise-conditional MLP for vectors."""
-
-    hidden: int = Field(128, ge=1)
-    n_layers: int = Field(3, ge=1)
-
-
-class ConvNCSNTrain(_NCSNTrainBase):
-    """A noise-conditional convolutional U-Net for images, sampled with an exponential moving average of its
-    weights (NCSNv2, technique 5)."""
-
-    base_channels: int = Field(16, ge=4)
-    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
-    num_res_blocks: int = Field(1, ge=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 turns the moving average off")
-
-
-class AnnealedLangevinSample(_Section):
-    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): step α_i = ε σ_i² / σ_L²."""
-
-    seed: int = 2
-    n_samples: int = Field(4000, ge=1)
-    eps: float = Field(2e-3, gt=0, description="ε, the step size at the smallest noise level")
-    n_steps_each: int = Field(100, ge=1, description="T, Langevin steps per noise level")
-    denoise: bool = Field(True, description="final denoising step x + σ_L² s(x, σ_L) (NCSNv2)")
-    batch_size: int = Field(4096, ge=1, description="chains advanced together")
-
-
-class LangevinSample(_Section):
-    """Plain Langevin dynamics (ULA) with the learned score at the smallest noise level σ_L only: the baseline
-    that is blind to mixing proportions when modes are far apart (Wenliang & Kanagawa 2021)."""
-
-    seed: int = 4
-    n_samples: int = Field(4000, ge=1)
-    step_size: float = Field(2e-3, gt=0, description="α of x ← x + α s(x, σ_L) + √(2α) z")
-    n_steps: int = Field(1000, ge=1)
-    init_std: float | None = Field(None, gt=0, description="x_0 ~ N(0, init_std² I); default σ_1 of the model")
-    batch_size: int = Field(4096, ge=1)
-
-
-class ImagePrepare(_Section):
+class ImagePrepare(_PrepareBase):
     """Real images from local sources only: scikit-learn's bundled 8x8 digits, or MNIST IDX files / CIFAR-10
     python batches in the folder ``path``. Pixels scaled to [0, 1]."""
 
-    seed: int = 0
-    source: Literal["digits", "mnist", "cifar10"] = "digits"
+    source: Literal["digits", "mnist", "cifar10"]
     path: str | None = Field(None, description="folder with the MNIST IDX files or CIFAR-10 batches")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share (digits has no official split)")
     max_train: int | None = Field(None, ge=1, description="keep the first N training images (after shuffling)")
@@ -137,6 +92,85 @@ class ImagePrepare(_Section):
         if self.source != "digits" and not self.path:
             raise ValueError(f"source {self.source!r} reads local files: set path to their folder")
         return self
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+class TrainBase(_Section):
+    """What the one training loop (``tasks.training``) reads from every family's train section; a family adds its
+    own keys in a subclass with ``family: Literal["<name>"]`` (``tasks/families/<name>.py``).
+
+    Minibatches are a pure function of ``(seed, step)``: every step draws ``batch_size`` examples (the *global*
+    batch) from a generator seeded by the pair, and with N Ray Train workers rank r takes its slice, so that N
+    workers compute what one worker computes (``batch_size`` must then be a multiple of N)."""
+
+    family: str
+    seed: int = 1
+    lr: float = Field(1e-3, gt=0, le=10)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine decay to 0 over n_steps, or a constant rate"
+    )
+    batch_size: int = Field(256, ge=2, le=1_000_000, description="the global batch (all workers together)")
+    n_steps: int = Field(3000, ge=1, le=100_000_000)
+    log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    heldout_every: int = Field(
+        0, ge=0, description="every this many steps (a multiple of log_every), rank 0 draws heldout_n samples and "
+        "logs their MMD² to the held-out split as train/mmd_heldout; 0 turns it off"
+    )
+    heldout_n: int = Field(500, ge=4, le=100_000, description="samples (and held-out points) of train/mmd_heldout")
+
+    @model_validator(mode="after")
+    def _check_loop(self):
+        if self.heldout_every and self.heldout_every % self.log_every:
+            raise ValueError(f"heldout_every ({self.heldout_every}) must be a multiple of log_every ({self.log_every})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- sample
+
+
+class _SampleBase(_Section):
+    seed: int = 2
+    n_samples: int = Field(4000, ge=1, le=10_000_000)
+    batch_size: int = Field(4096, ge=1, le=1_000_000, description="samples (chains) drawn together")
+
+
+class AnnealedLangevinSample(_SampleBase):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) from a noise-conditional score network.
+
+    The step is x ← x + α_i s(x, σ_i) + √(2 α_i) z with α_i = ε σ_i² / σ_L². Song & Ermon write
+    x ← x + (α_i/2) s + √α_i z with α_i = ε σ_i² / σ_L²: the same chain with their ε equal to twice ours
+    (ε here is the step of the Langevin diffusion dx = s dt + √2 dW)."""
+
+    sampler: Literal["annealed_langevin"]
+    eps: float = Field(2e-3, gt=0, le=10, description="ε, the step α_L at the smallest noise level (Song & Ermon's ε/2)")
+    n_steps_each: int = Field(100, ge=1, le=1_000_000, description="T, Langevin steps per noise level")
+    denoise: bool = Field(True, description="final denoising step x + σ_L² s(x, σ_L) (NCSNv2)")
+
+
+class LangevinSample(_SampleBase):
+    """Plain Langevin dynamics (ULA) with the model's score (a score network: at the smallest noise level σ_L
+    only): the baseline that is blind to mixing proportions when modes are far apart (Wenliang & Kanagawa 2021)."""
+
+    sampler: Literal["langevin"]
+    seed: int = 4
+    step_size: float = Field(2e-3, gt=0, le=10, description="α of x ← x + α s(x) + √(2α) z")
+    n_steps: int = Field(1000, ge=1, le=10_000_000)
+    init_std: float | None = Field(None, gt=0, le=1e6, description="x_0 ~ N(0, init_std² I); default σ_1 of the model")
+
+
+class GeneratorSample(_SampleBase):
+    """Samples of an implicit generator: x = G(z) with z ~ N(0, I) drawn from the seeded generator."""
+
+    sampler: Literal["generator"]
+
+
+#: A sample section, chosen by its ``sampler`` key.
+SampleSection = Annotated[
+    AnnealedLangevinSample | LangevinSample | GeneratorSample, Field(discriminator="sampler")
+]
 
 
 class ClassifierTrain(_Section):
@@ -154,7 +188,7 @@ class ClassifierTrain(_Section):
 #: any compute; see ``tasks.evaluation.METRICS`` for the keys each writes).
 METRIC_NAMES = (
     "ksd_target",        # KSD of the samples against the true score (toys: the mixture in the data's metadata)
-    "ksd_model",         # KSD of the samples and of held-out data against the model's score at σ_L
+    "ksd_model",         # KSD of the samples and of held-out data against the model's score (families with one)
     "mmd",               # MMD² to held-out data, with its permutation p-value
     "mode_weight",       # share of samples nearest the heavy mode (toys)
     "log_likelihood",    # mean log-density of the samples under the true distribution (toys)
@@ -162,6 +196,7 @@ METRIC_NAMES = (
     "kid",               # kernel inception distance of features
     "inception_score",   # Inception score from the feature network's logits
     "precision_recall",  # improved precision and recall (Kynkäänniemi et al. 2019) of features
+    "mode_coverage",     # modes holding at least a quarter of their expected share of the samples (toys)
 )
 Metric = Literal[METRIC_NAMES]
 Plot = Literal["samples", "score_field", "nearest"]
@@ -174,13 +209,13 @@ def _unique(values: list[str], what: str) -> None:
 
 
 class CheckpointEvaluate(_Section):
-    """Follow metrics along training: every checkpoint the train stage kept is sampled (annealed Langevin with
-    the settings of the config section ``sampler``, ``n_samples`` chains) and evaluated, one Ray task per
-    checkpoint; the result is a metric-vs-step plot, a CSV for ``dvc plots``, and MLflow metric histories."""
+    """Follow metrics along training: every checkpoint the train stage kept is sampled (with the settings of the
+    sample section named by ``sampler``, ``n_samples`` samples) and evaluated, one Ray task per checkpoint; the
+    result is a metric-vs-step plot, a CSV for ``dvc plots``, and MLflow metric histories."""
 
     metrics: list[Metric] = Field(default_factory=lambda: ["mmd"], min_length=1)
     n_samples: int = Field(500, ge=4, description="samples drawn from each checkpoint")
-    sampler: str = Field("sample", description="the config section with the annealed Langevin settings")
+    sampler: str = Field("sample", description="the config section with the sampler settings")
 
     @model_validator(mode="after")
     def _check(self) -> CheckpointEvaluate:
@@ -230,57 +265,19 @@ class Evaluate(_Section):
         return self
 
 
-class _CheckpointSampler:
-    """Root configs whose ``evaluate.checkpoints.sampler`` must name one of their annealed-Langevin sections."""
-
-    @model_validator(mode="after")
-    def _check_sampler(self):
-        ck = self.evaluate.checkpoints
-        if ck is not None and not isinstance(getattr(self, ck.sampler, None), AnnealedLangevinSample):
-            options = [k for k, v in self if isinstance(v, AnnealedLangevinSample)]
-            raise ValueError(
-                f"evaluate.checkpoints.sampler={ck.sampler!r} is not an annealed Langevin section of this config "
-                f"(options: {', '.join(options) or 'none'})"
-            )
-        return self
-
-
-class DigitsConfig(_CheckpointSampler, _Section):
-    prepare: ImagePrepare = ImagePrepare()
-    classifier: ClassifierTrain = ClassifierTrain()
-    train: ConvNCSNTrain = ConvNCSNTrain()
-    sample: AnnealedLangevinSample = AnnealedLangevinSample()
-    evaluate: Evaluate = Evaluate(
-        metrics=["fid", "kid", "inception_score", "precision_recall", "mmd", "ksd_model"],
-        plots=["samples", "nearest"], reference="train", n_eval=350,
-    )
-
-
-class GMM2dConfig(_CheckpointSampler, _Section):
-    prepare: GMMPrepare = GMMPrepare()
-    train: NCSNTrain = NCSNTrain()
-    sample: AnnealedLangevinSample = AnnealedLangevinSample()
-    evaluate: Evaluate = Evaluate(
-        metrics=["ksd_target", "mmd", "mode_weight", "log_likelihood"], plots=["samples", "score_field"],
-    )
-
-
-class GMMBlindnessConfig(_CheckpointSampler, _Section):
-    """gmm2d's score network, sampled two ways; evaluated side by side."""
-
-    sample_annealed: AnnealedLangevinSample = AnnealedLangevinSample()
-    sample_langevin: LangevinSample = LangevinSample()
-    evaluate: Evaluate = Evaluate(
-        sample_sets=["annealed", "langevin"], metrics=["ksd_target", "mmd", "mode_weight", "log_likelihood"],
-    )
-
-
 # --------------------------------------------------------------------------------------------- loading
+
+
+#: The tags of the discriminated sections (``prepare.source``, ``train.family``, ``sample*.sampler``): pydantic puts
+#: the chosen tag into an error's location (``train.agd.lr``), which is not a key of the file.
+UNION_TAGS: set[str] = {"mixture", "ring", "digits", "mnist", "cifar10", "annealed_langevin", "langevin", "generator",
+                        "mlp", "conv"}
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str | None:
     """The dotted key of a validation error; None for a whole-config check (its message names its keys)."""
-    return ".".join(str(p) for p in loc) if loc else None
+    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and str(p) in UNION_TAGS)]
+    return ".".join(parts) if parts else None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -307,8 +304,17 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
         err = exc.errors()[0]
         key = _format_loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, KeyedError):
+            key, msg = cause.key, str(cause)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a parameter of this stage; check the spelling)"
+        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            ctx = err.get("ctx", {})
+            tag, expected = ctx.get("discriminator", "").strip("'"), ctx.get("expected_tags", "")
+            key = f"{key}.{tag}" if key else tag
+            got = f", got {ctx['tag']!r}" if "tag" in ctx else " (missing)"
+            msg = f"must be one of {expected}{got}"
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import AnnealedLangevinSample, ConfigError, Evaluate
+from tasks.config import ConfigError, Evaluate
 from tasks.evaluation import EvalData, EvalInputs, evaluate_checkpoint, evaluate_sets, reference_metrics
 from tasks.io import atomic_path, read_dataset, write_json
 from tasks.runtime import RuntimeSettings
@@ -32,7 +32,7 @@ def evaluate_samples(
     metrics_path: Path,
     plots_dir: Path,
     config_path: str | Path = "evaluate config",
-    sampler: AnnealedLangevinSample | None = None,
+    sampler=None,
     settings: RuntimeSettings | None = None,
     device: str = "cpu",
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -45,7 +45,7 @@ def evaluate_samples(
     checkpoints: list[Path] = []
     if cfg.checkpoints is not None:
         if sampler is None:
-            raise ConfigError(config_path, "evaluate.checkpoints.sampler", "no annealed Langevin section to sample checkpoints with")
+            raise ConfigError(config_path, "evaluate.checkpoints.sampler", "no sample section to sample checkpoints with")
         checkpoints = sorted(Path(inputs.checkpoints).glob("step_*.pt")) if inputs.checkpoints else []
         if not checkpoints:
             raise ConfigError(inputs.checkpoints or config_path, "evaluate.checkpoints",
@@ -71,7 +71,7 @@ def evaluate_samples(
     return metrics, rows
 
 
-def _evaluate_checkpoints(cfg: Evaluate, checkpoints: list[Path], *, inputs: EvalInputs, sampler: AnnealedLangevinSample,
+def _evaluate_checkpoints(cfg: Evaluate, checkpoints: list[Path], *, inputs: EvalInputs, sampler,
                           settings: RuntimeSettings, device: str) -> list[dict[str, float]]:
     """One Ray task per checkpoint (one CPU each; a quarter of a GPU each when training on GPUs)."""
     import ray

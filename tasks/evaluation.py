@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tasks.config import AnnealedLangevinSample, ConfigError, Evaluate
+from tasks.config import ConfigError, Evaluate
 from tasks.io import read_dataset
 
 log = logging.getLogger("stein")
@@ -31,7 +31,15 @@ log = logging.getLogger("stein")
 #: Metrics computed on features of an extractor.
 FEATURE_METRICS = frozenset({"fid", "kid", "inception_score", "precision_recall"})
 #: Metrics that need the true distribution (the mixture a toy pipeline's prepare stage recorded).
-TARGET_METRICS = frozenset({"ksd_target", "mode_weight", "log_likelihood"})
+TARGET_METRICS = frozenset({"ksd_target", "mode_weight", "log_likelihood", "mode_coverage"})
+
+
+#: The key a metric's curve is drawn by (the y of ``plots/<pipeline>/checkpoints.csv`` in dvc.yaml).
+HEADLINE_KEY = {
+    "ksd_target": "ksd", "ksd_model": "ksd_model", "mmd": "mmd", "mode_weight": "weight_error",
+    "log_likelihood": "log_likelihood", "fid": "fid", "kid": "kid", "inception_score": "inception_score",
+    "precision_recall": "precision", "mode_coverage": "modes_covered",
+}
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class EvalData:
             self.mixture = GaussianMixture(spec["weights"], spec["means"], spec["stds"])
             self.heavy = max(range(len(spec["weights"])), key=lambda i: spec["weights"][i])
             self.true_weight = float(spec["weights"][self.heavy])
+            self.mixture_weights = [float(w) for w in spec["weights"]]
         self.check()
         if "train" in required_inputs(cfg):
             self.train = read_dataset(inputs.train)
@@ -204,21 +213,22 @@ class EvalData:
     # ------------------------------------------------------------------------------------------ model
 
     @cached_property
-    def score_model(self):
-        """(network, σ_L, σ ladder) of the score model."""
-        from tasks.sampling import load_score_model
+    def model(self):
+        """The trained model (any family); ``ksd_model`` uses its ``score`` (a score network's at σ_L)."""
+        from tasks.families import load_model
 
-        model, sigmas, _shape = load_score_model(self.model_path, self.device)
-        return model, sigmas[-1], sigmas
+        model = load_model(self.model_path, device=self.device)
+        if model.score is None:
+            raise self._bad("evaluate.metrics", f"ksd_model needs the model's score; {self.model_path} holds a model without one")
+        return model
 
     def model_score(self, z):
         import torch
 
-        model, sigma_min, _ = self.score_model
         out = []
         with torch.no_grad():
             for chunk in torch.split(z, 4096):
-                out.append(model(chunk.float().to(self.device), sigma_min).double().cpu())
+                out.append(self.model.score(chunk.float().to(self.device)).double().cpu())
         return torch.cat(out)
 
     # ------------------------------------------------------------------------------------------ features
@@ -347,8 +357,20 @@ def _log_likelihood(d: EvalData, s: SampleSet) -> dict[str, float]:
     return {"log_likelihood": d.mixture.log_prob(s.x_eval).mean().item()}
 
 
+def _mode_coverage(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """Modes covered: the components of the true mixture that hold at least a quarter of their expected share of
+    the samples (each sample counted at its nearest component): 8 of 8 on a ring of 8 when no mode collapsed."""
+    import torch
+
+    nearest = d.mixture.nearest_component(s.x_eval)
+    share = torch.bincount(nearest, minlength=d.mixture.n_components).double() / len(nearest)
+    expected = torch.as_tensor(d.mixture_weights, dtype=torch.float64)
+    return {"modes_covered": float((share >= 0.25 * expected).sum())}
+
+
 def _ksd_model(d: EvalData, s: SampleSet) -> dict[str, float]:
-    """KSD² (U) of the samples against the model's own score at σ_L: do the samples follow the model?"""
+    """KSD² (U) of the samples against the model's own score (a score network's at σ_L): do the samples follow
+    the model?"""
     from stein_core import ksd_test
 
     x = s.x_eval
@@ -417,6 +439,7 @@ METRICS: dict[str, Metric] = {
     "mmd": Metric(_mmd),
     "mode_weight": Metric(_mode_weight, info=lambda d: {"true_weight": d.true_weight}),
     "log_likelihood": Metric(_log_likelihood),
+    "mode_coverage": Metric(_mode_coverage, info=lambda d: {"n_modes": float(d.mixture.n_components)}),
     "fid": Metric(_fid, info=_feature_info),
     "kid": Metric(_kid, info=_feature_info),
     "inception_score": Metric(_inception_score, info=_feature_info),
@@ -457,23 +480,24 @@ def checkpoint_config(cfg: Evaluate) -> Evaluate:
 def evaluate_checkpoint(
     path: Path, *, cfg: dict, sampler: dict, inputs: EvalInputs, threads: int = 1, device: str = "cpu",
 ) -> dict[str, float]:
-    """One training checkpoint: draw ``checkpoints.n_samples`` annealed Langevin samples from it (seeded, the
-    sampler section's settings) and compute the checkpoint metrics. Runs as a Ray task; returns the metrics
-    with ``step``."""
+    """One training checkpoint: draw ``checkpoints.n_samples`` samples from it (seeded, with the sample section
+    ``sampler``) and compute the checkpoint metrics. Runs as a Ray task; returns the metrics with ``step``."""
     import torch
+    from pydantic import TypeAdapter
 
+    from tasks.config import SampleSection
+    from tasks.families import load_model
     from tasks.io import load_checkpoint
-    from tasks.sampling import annealed_chains, draw_in_batches, load_score_model
+    from tasks.sampling import draw_in_batches
 
     torch.set_num_threads(threads)
     full = Evaluate.model_validate(cfg)
-    sampler_cfg = AnnealedLangevinSample.model_validate(sampler)
+    sampler_cfg = TypeAdapter(SampleSection).validate_python(sampler)
     ck = checkpoint_config(full)
     data = EvalData(ck, inputs, model_path=path, device=device)
-    model, sigmas, shape = load_score_model(path, device)
+    model = load_model(path, device=device, sampler=sampler_cfg)
     gen = torch.Generator(device=device).manual_seed(sampler_cfg.seed)
-    x = draw_in_batches(full.checkpoints.n_samples, sampler_cfg.batch_size,
-                        lambda m: annealed_chains(model, sigmas, sampler_cfg, m, math.prod(shape), generator=gen))
+    x = draw_in_batches(full.checkpoints.n_samples, sampler_cfg.batch_size, lambda m: model.sample(m, generator=gen))
     step = int(load_checkpoint(path).get("step", -1))
     if not torch.isfinite(x).all():  # a diverged early checkpoint is a result, not an error
         return {"step": float(step), "finite_fraction": float(torch.isfinite(x).all(1).double().mean())}

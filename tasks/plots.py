@@ -64,18 +64,18 @@ def plot_score_field(*, data, samples, mixture, model_path: Path, path: Path) ->
     plt = _pyplot()
     import torch
 
-    from tasks.sampling import load_score_model
+    from tasks.families import load_model
 
     lo, hi, gx, gy, density = _density_grid(mixture, [data, samples])
-    model, sigmas, _ = load_score_model(model_path)
+    model = load_model(model_path)
+    sigmas = model.sigmas
     qx, qy = np.meshgrid(np.linspace(lo[0], hi[0], 25), np.linspace(lo[1], hi[1], 25))
     q = torch.from_numpy(np.stack([qx.ravel(), qy.ravel()], 1)).float()
     levels = [0, len(sigmas) // 2, len(sigmas) - 1]
     fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4.6), constrained_layout=True)
     for ax, i in zip(np.atleast_1d(axes), levels):
         sigma = float(sigmas[i])
-        with torch.no_grad():
-            learned = model(q, sigmas[i]).numpy()
+        learned = model.score_at(q, sigmas[i]).numpy()
         true = mixture.perturbed(sigma).score(q.double()).numpy()
         ax.contour(gx, gy, density, levels=8, colors="0.75", linewidths=0.7)
         ax.quiver(q[:, 0], q[:, 1], true[:, 0], true[:, 1], color="0.55", angles="xy", label="true")

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import GMMPrepare, ImagePrepare
+from tasks.config import ImagePrepare, MixturePrepare, RingPrepare
 from tasks.io import write_dataset
 
 log = logging.getLogger("stein")
 
 
-def mixture_spec(cfg: GMMPrepare) -> dict:
-    """The mixture as plain data: stored in the datasets' metadata so later stages know the true score."""
+def mixture_spec(cfg: MixturePrepare | RingPrepare) -> dict:
+    """The mixture as plain data: stored in the datasets' metadata so later stages know the true score. A ring
+    has its ``n_modes`` means at angles 2πk/n_modes on the circle of ``radius``, equal weights."""
+    if isinstance(cfg, RingPrepare):
+        angles = [2 * math.pi * k / cfg.n_modes for k in range(cfg.n_modes)]
+        means = [[cfg.radius * math.cos(a), cfg.radius * math.sin(a)] for a in angles]
+        return {"weights": [1.0 / cfg.n_modes] * cfg.n_modes, "means": means, "stds": [cfg.std] * cfg.n_modes}
     return {"weights": list(cfg.weights), "means": [list(m) for m in cfg.means], "stds": [cfg.std] * len(cfg.weights)}
 
 
-@task(name="prepare-gmm", cache_policy=NO_CACHE)
-def prepare_gmm(cfg: GMMPrepare, train_path: Path, test_path: Path) -> dict[str, int]:
+@task(name="prepare-mixture", cache_policy=NO_CACHE)
+def prepare_mixture(cfg: MixturePrepare | RingPrepare, train_path: Path, test_path: Path) -> dict[str, int]:
     """Draw train and test sets from the Gaussian mixture with one seeded generator (test after train)."""
     import torch
 
@@ -31,7 +37,7 @@ def prepare_gmm(cfg: GMMPrepare, train_path: Path, test_path: Path) -> dict[str,
     gen = torch.Generator().manual_seed(cfg.seed)
     x_train, c_train = mixture.sample(cfg.n_train, generator=gen, dtype=torch.float32)
     x_test, c_test = mixture.sample(cfg.n_test, generator=gen, dtype=torch.float32)
-    meta = {"source": "gaussian_mixture", "seed": cfg.seed, "mixture": spec}
+    meta = {"source": cfg.source, "seed": cfg.seed, "mixture": spec}
     write_dataset(train_path, x_train.numpy(), label=c_train.numpy(), metadata=meta | {"split": "train"})
     write_dataset(test_path, x_test.numpy(), label=c_test.numpy(), metadata=meta | {"split": "test"})
     log.info("wrote %d train and %d test points (d=%d) to %s", cfg.n_train, cfg.n_test, x_train.shape[1], Path(train_path).parent)

@@ -1,11 +1,10 @@
-"""Train stage: a noise-conditional score network by denoising score matching, distributed with Ray Train.
+"""Train stage: any model family, through the one training loop (:mod:`tasks.training`) on Ray Train.
 
-The driver (this process) starts or joins Ray, creates nothing itself but the trainer, and after ``fit`` copies
-the final checkpoint to the stage's output atomically. Each Ray worker runs
-:func:`tasks.train_worker.train_loop_per_worker`:
-DDP through ``ray.train.torch.prepare_model``, its own seeded minibatch stream, checkpoints reported to Ray
-(so a failed worker group restarts from the last one), and, on rank 0, loss curves logged into the MLflow run
-the driver created (the driver passes the run id and an absolute tracking URI).
+The driver (this process) starts or joins Ray, creates nothing itself but the trainer, and after ``fit`` exports
+every checkpoint Ray kept as a model checkpoint (``models/<pipeline>/checkpoints/step_NNNNNNN.pt``) and the last
+one as the stage's model, atomically; the training curves go to CSV files for ``dvc plots``. Rank 0 of the
+workers logs every metric of the family's step into the MLflow run the driver created (the driver passes the run
+id and an absolute tracking URI).
 """
 
 from __future__ import annotations
@@ -21,55 +20,56 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import init_ray
-from tasks.config import ConvNCSNTrain, NCSNTrain
-from tasks.io import atomic_path, save_checkpoint
+from tasks.families import FAMILIES, model_payload
+from tasks.io import atomic_path, save_torch
 from tasks.runtime import RuntimeSettings, project_root, state_dir
-from tasks.train_worker import STATE_FILE, train_loop_per_worker
+from tasks.training import STATE_FILE, TrainingDiverged, train_loop_per_worker
 
 log = logging.getLogger("stein")
+
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
 
 
-def export_model(state: dict, path: Path, cfg: NCSNTrain | ConvNCSNTrain) -> None:
-    """A training state -> a sampling checkpoint: the moving average of the weights where one was kept
-    (NCSNv2), the raw weights beside them, the model class, its arguments, the noise ladder and the step."""
-    weights = state["ema"]["shadow"] if "ema" in state else state["model"]
-    save_checkpoint(
-        path,
-        state_dict=weights,
-        model_args=state["model_args"],
-        model_class=state.get("model_class", "NoiseConditionalMLP"),
-        shape=state.get("shape"),
-        sigmas=state["sigmas"],
-        step=state["step"],
-        train_config=cfg.model_dump(),
-        **({"raw_state_dict": state["model"], "ema_decay": state["ema"]["decay"]} if "ema" in state else {}),
-    )
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts as a CSV (the union of their keys, in order of first appearance), atomically."""
+    keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
 
 
-@task(name="train-ncsn", cache_policy=NO_CACHE)
-def train_ncsn(
-    cfg: NCSNTrain | ConvNCSNTrain,
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(
+    cfg,
     *,
     data_path: Path,
+    heldout_path: Path | None,
     model_path: Path,
-    loss_csv: Path,
+    curves_dir: Path,
     pipeline: str,
     checkpoints_dir: Path | None = None,
     mlflow_run_id: str | None,
     mlflow_tracking_uri: str | None,
     settings: RuntimeSettings | None = None,
 ) -> dict[str, float]:
-    """Train with Ray Train's TorchTrainer; write the final model, every intermediate checkpoint (into
-    ``checkpoints_dir`` as ``step_NNNNNN.pt``, same format) and the loss curve (CSV)."""
+    """Train the family ``cfg.family`` names with Ray Train's TorchTrainer; write the final model, every kept
+    checkpoint and the curves (``train_loss.csv``: the step metrics; ``heldout.csv``: the held-out MMD against
+    step, epoch and seconds, when ``heldout_every`` is set)."""
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    family = FAMILIES[cfg.family]
     settings = settings or RuntimeSettings()
+    if cfg.batch_size % settings.num_workers:
+        from tasks.config import ConfigError
+
+        raise ConfigError("train", "batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
+                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
     root = project_root()
     threads = settings.resolved_threads()
     use_gpu = settings.resolved_use_gpu()
@@ -80,9 +80,10 @@ def train_ncsn(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
+                "family": family.name,
                 "train": cfg.model_dump(),
-                "train_class": type(cfg).__name__,
                 "data_path": str(Path(data_path).resolve()),  # workers change directory: absolute paths
+                "heldout_path": str(Path(heldout_path).resolve()) if heldout_path else None,
                 "threads": threads,
                 "mlflow_run_id": mlflow_run_id,
                 "mlflow_tracking_uri": mlflow_tracking_uri,
@@ -100,17 +101,21 @@ def train_ncsn(
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        log.info("training on %d Ray worker(s), use_gpu=%s", settings.num_workers, use_gpu)
+        log.info("training %s on %d Ray worker(s), use_gpu=%s", family.name, settings.num_workers, use_gpu)
         t0 = time.perf_counter()
         result = trainer.fit()
         fit_seconds = time.perf_counter() - t0
     finally:
         if started:
             ray.shutdown()
+    diverged = (result.metrics or {}).get("diverged")
+    if diverged:
+        kept = f"; Ray kept its checkpoints under {result.path}" if result.checkpoint is not None else ""
+        raise TrainingDiverged(f"{diverged}{kept}")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
-    # Every checkpoint Ray kept (all of them: num_to_keep=None) becomes a sampling checkpoint, so that the
-    # evaluate stage can follow the metrics along training; the last one is the stage's model.
+    # Every checkpoint Ray kept (all of them: num_to_keep=None) becomes a model checkpoint, so that the evaluate
+    # stage can follow the metrics along training; the last one is the stage's model.
     states = {}
     for ckpt, _metrics in result.best_checkpoints or [(result.checkpoint, {})]:
         with ckpt.as_directory() as d:
@@ -120,21 +125,25 @@ def train_ncsn(
     if checkpoints_dir is not None:
         with atomic_path(checkpoints_dir, directory=True) as tmp:
             for step, s in sorted(states.items()):
-                export_model(s, tmp / checkpoint_name(step), cfg)
-    export_model(state, model_path, cfg)
+                save_torch(tmp / checkpoint_name(step), model_payload(family, cfg, s))
+    save_torch(model_path, model_payload(family, cfg, state))
     if result.path and Path(result.path).is_dir():
         shutil.rmtree(result.path, ignore_errors=True)  # exported above; Ray's copies only served resumption
-    with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "dsm_loss"])
-        w.writerows(state["history"])
-    final_loss = state["history"][-1][1] if state["history"] else float("nan")
-    return {
-        "final_dsm_loss": float(final_loss),
-        "steps": int(state["step"]),
+    write_rows(Path(curves_dir) / "train_loss.csv", state["history"])
+    if cfg.heldout_every:
+        write_rows(Path(curves_dir) / "heldout.csv", state["heldout"])
+    last = state["history"][-1] if state["history"] else {}
+    steps = int(state["step"])
+    out = {f"final_{k}": float(v) for k, v in last.items() if k != "step"}
+    if state["heldout"]:
+        out["final_mmd_heldout"] = float(state["heldout"][-1]["mmd_heldout"])
+    return out | {
+        "steps": steps,
         "ray_init_seconds": ray_init_seconds,
         "fit_seconds": fit_seconds,
-        # time inside the workers' training loop (of the last attempt); fit_seconds minus this is Ray Train's
-        # own overhead: controller and worker actors, process group, checkpoint reporting
-        "train_loop_seconds": float(state.get("loop_seconds", float("nan"))),
+        # time inside the workers' training steps (all attempts); fit_seconds minus this is Ray Train's own
+        # overhead: controller and worker actors, process group, checkpoint reporting, held-out evaluations
+        "train_loop_seconds": float(state["train_seconds"]),
+        "seconds_per_step": float(state["train_seconds"]) / max(steps, 1),
+        "seconds_per_epoch": float(state["train_seconds"]) / max(steps, 1) * state["n_train"] / cfg.batch_size,
     }

@@ -13,7 +13,7 @@ def digits_split(tmp_path_factory):
     from tasks.prepare import prepare_images
 
     d = tmp_path_factory.mktemp("digits")
-    prepare_images.fn(ImagePrepare(seed=0), d / "train.parquet", d / "test.parquet")
+    prepare_images.fn(ImagePrepare(source="digits", seed=0), d / "train.parquet", d / "test.parquet")
     return d
 
 
@@ -25,11 +25,12 @@ def mlp_checkpoint():
         import torch
 
         from stein_core import NoiseConditionalMLP
-        from tasks.io import save_checkpoint
+        from tasks.families import module_checkpoint
+        from tasks.io import save_torch
 
         torch.manual_seed(0)
         net = NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)
-        save_checkpoint(path, state_dict=net.state_dict(), model_args=net.model_args, sigmas=list(sigmas))
+        save_torch(path, module_checkpoint("ncsn", {"score": net}, shape=[2], sigmas=list(sigmas)))
         return path
 
     return write

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from flows.cli import main
 from flows.registry import PIPELINES
-from tasks.config import ConfigError, GMM2dConfig, load_config
+from tasks.config import ConfigError, load_config
+from tasks.pipelines import GenerativeConfig as GMM2dConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,33 @@ def test_every_shipped_config_builds(name):
     raw = yaml.safe_load((REPO / spec.config_file).read_text())
     for section, values in raw.items():
         assert set(values) == set(type(getattr(cfg, section)).model_fields), section
+
+
+@pytest.mark.parametrize("family", ["ncsn", "agd", "mmd"])
+def test_every_family_config_builds_with_its_defaults(family):
+    """Each family's train section validates from its name alone, and its modules build for vectors (and, with
+    a conv net, for images)."""
+    from tasks.families import FAMILIES
+
+    fam = FAMILIES[family]
+    cfg = fam.config(family=family)
+    modules = fam.build(cfg, (2,))
+    assert modules and all(hasattr(m, "model_args") for m in modules.values())
+    conv = fam.config(family=family, net={"kind": "conv"})
+    assert fam.build(conv, (1, 8, 8))
+
+
+@pytest.mark.parametrize("pipeline", ["ring8-agd", "digits-mmd"])
+def test_a_family_without_a_score_refuses_ksd_model(tmp_path, pipeline):
+    """ksd_model needs the model's score: a generator has none, and the config fails at validation, naming the key."""
+    raw = yaml.safe_load((REPO / "conf" / f"{pipeline}.yaml").read_text())
+    raw["evaluate"]["metrics"].append("ksd_model")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GMM2dConfig)
+    msg = str(info.value)
+    assert "key 'evaluate.metrics'" in msg and "ksd_model needs the model's score" in msg and "ncsn" in msg, msg
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -43,6 +71,10 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r["sample"].update(n_steps_each="many"), "sample.n_steps_each", "valid integer"),
         (lambda r: r["sample"].update(eps=-1e-4), "sample.eps", "greater than 0"),
         (lambda r: r["train"].update(sigma_max=0.05, sigma_min=0.1), "train", "must be larger than sigma_min"),
+        (lambda r: r["train"].update(family="gan"), "train.family", "'ncsn', 'agd', 'mmd'"),
+        (lambda r: r["train"].pop("family"), "train.family", "(missing)"),
+        (lambda r: r["train"]["net"].update(kind="conv", hidden=3), "train.net.hidden", "unknown key"),
+        (lambda r: r.update(sample={"sampler": "generator"}), "sample.sampler", "cannot be sampled with 'generator'"),
         (lambda r: r["prepare"].update(weights=[0.5, 0.4]), "prepare", "sum to 1"),
         (lambda r: r.update(sampel={"seed": 1}), "sampel", "unknown key"),
         (lambda r: r["evaluate"].update(metrics=["ksd_target", "fld"]), "evaluate.metrics.1", "'fid'"),
@@ -91,4 +123,4 @@ def test_checkpoint_sampler_must_name_an_annealed_section(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, GMM2dConfig)
     msg = str(info.value)
-    assert str(path) in msg and "evaluate.checkpoints.sampler='train'" in msg and "options: sample" in msg, msg
+    assert str(path) in msg and "key 'evaluate.checkpoints.sampler'" in msg and "options: sample" in msg, msg

@@ -12,12 +12,30 @@ from flows.registry import PIPELINES
 from tasks.evaluation import EvalInputs, plot_files, required_inputs
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_CODE = {"stein_core", "tasks/config.py", "tasks/io.py", "tasks/sampling.py", "tasks/sample_metrics.py",
-             "tasks/evaluation.py", "tasks/evaluate.py", "tasks/plots.py", "flows/evaluate.py"}
+EVAL_CODE = {"stein_core", "tasks/config.py", "tasks/io.py", "tasks/families", "tasks/sampling.py",
+             "tasks/sample_metrics.py", "tasks/evaluation.py", "tasks/evaluate.py", "tasks/plots.py", "flows/evaluate.py"}
 
 
 def _names(entries) -> set[str]:
     return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
+
+
+def test_dvc_yaml_is_what_the_registry_generates():
+    """dvc.yaml is generated (`stein dvc-yaml`): a pipeline is one YAML file and a registry line, never a copied
+    block of stages."""
+    from flows.dvcgen import render
+
+    assert (REPO / "dvc.yaml").read_text() == render(REPO), "dvc.yaml is stale: run `stein dvc-yaml`"
+
+
+def test_every_pipeline_is_listed_with_its_stages():
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    out = CliRunner().invoke(main, ["run", "--list"]).output
+    for name, spec in PIPELINES.items():
+        assert name in out and " -> ".join(st.name for st in spec.stages) in out
 
 
 @pytest.fixture(scope="module")
@@ -44,4 +62,6 @@ def test_evaluate_stage_lists_what_its_config_reads_and_writes(stages, name):
 def test_train_stage_versions_every_checkpoint(stages, name):
     spec = PIPELINES[name]
     paths = spec.paths(Path("."))
-    assert {str(paths.model), str(paths.checkpoints)} <= set(stages[spec.dvc_stage("train")]["outs"])
+    train = stages[spec.dvc_stage("train")]
+    assert {str(paths.model), str(paths.checkpoints)} <= set(train["outs"])
+    assert str(paths.train) in train["deps"] and {"tasks/families", "tasks/training.py"} <= set(train["deps"])

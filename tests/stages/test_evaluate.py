@@ -14,7 +14,7 @@ import torch
 from tasks.config import ConfigError, Evaluate
 from tasks.evaluate import evaluate_samples
 from tasks.evaluation import EvalInputs, required_inputs
-from tasks.io import read_dataset, save_checkpoint, write_dataset
+from tasks.io import read_dataset, save_torch, write_dataset
 
 SPEC = {"weights": [0.8, 0.2], "means": [[-5.0, -5.0], [5.0, 5.0]], "stds": [1.0, 1.0]}
 TOY = ["ksd_target", "mmd", "mode_weight", "log_likelihood"]
@@ -123,12 +123,12 @@ def test_inception_features_without_weights_name_the_setting(digits_split, tmp_p
 
 def test_pixel_metrics_and_model_ksd_for_images(tmp_path):
     from stein_core import NoiseConditionalConvNet
+    from tasks.families import module_checkpoint
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     net = NoiseConditionalConvNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2))
-    save_checkpoint(tmp_path / "m.pt", state_dict=net.state_dict(), model_args=net.model_args,
-                    model_class="NoiseConditionalConvNet", shape=[1, 8, 8], sigmas=[1.0, 0.1])
+    save_torch(tmp_path / "m.pt", module_checkpoint("ncsn", {"score": net}, shape=[1, 8, 8], sigmas=[1.0, 0.1]))
     real = rng.beta(0.5, 0.5, size=(300, 64)).astype(np.float32)
     sets = {"train": real[:100], "test": real[100:200], "good": real[200:], "bad": np.full((100, 64), 0.5, np.float32)}
     for name, x in sets.items():
@@ -183,28 +183,27 @@ def test_classifier_features_separate_real_from_scrambled_digits(tmp_path, digit
 def test_checkpoints_are_sampled_and_evaluated_in_ray_tasks(toy):
     """Two checkpoints, untrained and trained (1000 steps of the bare DSM loop), each sampled and evaluated in its own Ray task:
     rows sorted by step, a CSV and a figure, and the trained checkpoint scoring better."""
-    from stein_core import NoiseConditionalMLP
-    from tasks.config import AnnealedLangevinSample, NCSNTrain
-    from tasks.io import Dataset
+    from tasks.config import AnnealedLangevinSample
+    from tasks.families import FAMILIES, model_payload
     from tasks.runtime import RuntimeSettings
-    from tasks.train import checkpoint_name, export_model
-    from tasks.train_worker import fit_ncsn
+    from tasks.train import checkpoint_name
+    from tasks.training import Hooks, fit
 
     d, inputs = toy
-    cfg = NCSNTrain(n_steps=1000, sigma_max=12.0, sigma_min=0.2, n_sigmas=6, hidden=32, n_layers=2, batch_size=128,
-                    log_every=100, checkpoint_every=1000, lr=3e-3)
-    data = Dataset(read_dataset(d / "good.parquet").x, None, {"shape": [2]})
+    family = FAMILIES["ncsn"]
+    cfg = family.config(family="ncsn", n_steps=1000, sigma_max=12.0, sigma_min=0.2, n_sigmas=6, batch_size=128,
+                        net={"kind": "mlp", "hidden": 32, "n_layers": 2}, log_every=100, checkpoint_every=1000, lr=3e-3)
+    data = torch.from_numpy(read_dataset(d / "good.parquet").x)
     states = {}
-    fit_ncsn(cfg, data, device="cpu", on_checkpoint=lambda s, final: states.__setitem__(s["step"], s))
-    untrained = NoiseConditionalMLP(dim=2, hidden=32, n_layers=2, embed_dim=cfg.embed_dim)
-    states[0] = {**states[1000], "model": untrained.state_dict(), "step": 0}
+    fit(family, cfg, data, (2,), device="cpu", hooks=Hooks(on_checkpoint=lambda s, final: states.__setitem__(s["step"], s)))
+    states[0] = fit(family, cfg, data, (2,), device="cpu", stop_after=0)  # the untrained network
     (d / "ck").mkdir()
     for step, s in states.items():
-        export_model(s, d / "ck" / checkpoint_name(step), cfg)
+        save_torch(d / "ck" / checkpoint_name(step), model_payload(family, cfg, s))
     inputs = EvalInputs(test=inputs.test, model=d / "ck" / checkpoint_name(1000), checkpoints=d / "ck")
     ecfg = Evaluate(metrics=["mmd"], plots=[], n_eval=300, n_bootstrap=20,
                     checkpoints={"metrics": ["mmd", "mode_weight"], "n_samples": 300})
-    sampler = AnnealedLangevinSample(n_samples=300, eps=1e-2, n_steps_each=50, batch_size=300)
+    sampler = AnnealedLangevinSample(sampler="annealed_langevin", n_samples=300, eps=1e-2, n_steps_each=50, batch_size=300)
     metrics, rows = _run(ecfg, {"samples": d / "good.parquet"}, inputs, d / "out", sampler=sampler,
                          settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1))
     assert [r["step"] for r in rows] == [0.0, 1000.0] and metrics["n_checkpoints"] == 2

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import AnnealedLangevinSample, GMMPrepare, NCSNTrain
+from tasks.config import AnnealedLangevinSample, MixturePrepare, RingPrepare
 from tasks.io import read_dataset
-from tasks.prepare import prepare_gmm
-from tasks.sample import sample_annealed_langevin
+from tasks.prepare import prepare_mixture
+from tasks.sample import sample_model
 
 
 def test_prepare_writes_seeded_mixture(project):
-    cfg = GMMPrepare(seed=5, n_train=4000, n_test=400)
+    cfg = MixturePrepare(source="mixture", seed=5, n_train=4000, n_test=400)
     train, test = project / "data" / "train.parquet", project / "data" / "test.parquet"
-    info = prepare_gmm.fn(cfg, train, test)
+    info = prepare_mixture.fn(cfg, train, test)
     assert info == {"n_train": 4000, "n_test": 400, "dim": 2}
     ds = read_dataset(train)
     assert ds.x.shape == (4000, 2) and ds.x.dtype == np.float32
@@ -27,72 +27,59 @@ def test_prepare_writes_seeded_mixture(project):
     assert abs((ds.label == 0).mean() - 0.8) < 4 * math.sqrt(0.16 / 4000)
     # same seed, same bytes; another seed, other data
     again = project / "again.parquet"
-    prepare_gmm.fn(cfg, again, project / "again_test.parquet")
+    prepare_mixture.fn(cfg, again, project / "again_test.parquet")
     np.testing.assert_array_equal(read_dataset(again).x, ds.x)
+
+
+def test_prepare_ring_records_its_mixture(project):
+    """A ring of 8: means at angles 2πk/8 on the circle, equal weights; each mode's share of 8000 points is
+    binomial, sd sqrt(1/8 · 7/8 / 8000) = 0.0037, so 4 sd = 0.015."""
+    cfg = RingPrepare(source="ring", n_train=8000, n_test=400, radius=3.0, std=0.1)
+    prepare_mixture.fn(cfg, project / "tr.parquet", project / "te.parquet")
+    ds = read_dataset(project / "tr.parquet")
+    spec = ds.metadata["mixture"]
+    means = np.array(spec["means"])
+    np.testing.assert_allclose(np.linalg.norm(means, axis=1), 3.0, rtol=1e-12)
+    np.testing.assert_allclose(np.arctan2(means[:, 1], means[:, 0]) % (2 * np.pi), 2 * np.pi * np.arange(8) / 8, atol=1e-12)
+    assert spec["weights"] == [0.125] * 8 and spec["stds"] == [0.1] * 8 and ds.metadata["source"] == "ring"
+    shares = np.bincount(ds.label, minlength=8) / len(ds)
+    assert np.abs(shares - 0.125).max() < 4 * math.sqrt(0.125 * 0.875 / 8000)
+    # every point lies near its mode: |x - mean| ~ 0.1·chi_2, beyond 0.6 has probability exp(-18)
+    assert np.linalg.norm(ds.x - means[ds.label], axis=1).max() < 0.6
 
 
 def test_sample_is_reproducible_and_tagged(project, mlp_checkpoint):
     model = mlp_checkpoint(project / "models" / "m.pt")
-    cfg = AnnealedLangevinSample(seed=11, n_samples=300, eps=1e-3, n_steps_each=5, batch_size=128)
+    cfg = AnnealedLangevinSample(sampler="annealed_langevin", seed=11, n_samples=300, eps=1e-3, n_steps_each=5, batch_size=128)
     a, b = project / "a.parquet", project / "b.parquet"
-    info = sample_annealed_langevin.fn(cfg, model_path=model, out_path=a)
-    sample_annealed_langevin.fn(cfg, model_path=model, out_path=b)
+    info = sample_model.fn(cfg, model_path=model, out_path=a)
+    sample_model.fn(cfg, model_path=model, out_path=b)
     da, db = read_dataset(a), read_dataset(b)
     assert da.x.shape == (300, 2) and np.isfinite(da.x).all()
     np.testing.assert_array_equal(da.x, db.x)  # the batches draw from one seeded generator
     assert da.metadata["sampler"]["n_steps_each"] == 5 and len(da.metadata["model_md5"]) == 32
-    assert info["chain_steps_per_s"] > 0
+    assert info["samples_per_s"] > 0
 
 
-@pytest.mark.slow
-def test_train_through_ray_train_writes_checkpoint_and_curve(project):
-    """Real Ray Train (one local CPU worker) on a tiny problem; the loss curve and checkpoint are written."""
-    from tasks.io import load_checkpoint
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_ncsn
-
-    prepare_gmm.fn(GMMPrepare(n_train=2000, n_test=100), project / "train.parquet", project / "test.parquet")
-    cfg = NCSNTrain(n_steps=60, log_every=20, checkpoint_every=30, batch_size=64, hidden=16, n_layers=2, n_sigmas=4)
-    info = train_ncsn.fn(
-        cfg, data_path=project / "train.parquet", model_path=project / "model.pt", loss_csv=project / "loss.csv",
-        pipeline="test", checkpoints_dir=project / "checkpoints", mlflow_run_id=None, mlflow_tracking_uri=None,
-        settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1),
-    )
-    assert info["steps"] == 60 and math.isfinite(info["final_dsm_loss"])
-    ckpt = load_checkpoint(project / "model.pt")
-    assert ckpt["step"] == 60 and len(ckpt["sigmas"]) == 4 and ckpt["model_args"]["hidden"] == 16
-    # every checkpoint Ray Train kept is exported; the last is the stage's model, weight for weight
-    kept = sorted(p.name for p in (project / "checkpoints").iterdir())
-    assert kept == ["step_0000030.pt", "step_0000060.pt"]
-    last, first = load_checkpoint(project / "checkpoints" / kept[-1]), load_checkpoint(project / "checkpoints" / kept[0])
-    assert last["step"] == 60 and first["step"] == 30
-    for k, v in ckpt["state_dict"].items():
-        torch.testing.assert_close(last["state_dict"][k], v, rtol=0, atol=0)
-    assert any(not torch.equal(first["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
-    rows = (project / "loss.csv").read_text().strip().splitlines()
-    assert rows[0] == "step,dsm_loss" and [r.split(",")[0] for r in rows[1:]] == ["20", "40", "60"]
-
-
-def test_langevin_sampler_is_reproducible_and_records_sigma(project, mlp_checkpoint):
+def test_langevin_sampler_is_reproducible_and_records_its_settings(project, mlp_checkpoint):
     from tasks.config import LangevinSample
-    from tasks.sample import sample_langevin
 
     model = mlp_checkpoint(project / "models" / "m.pt", sigmas=(3.0, 1.0, 0.3))
-    cfg = LangevinSample(seed=5, n_samples=200, step_size=1e-2, n_steps=20, init_std=2.0, batch_size=128)
+    cfg = LangevinSample(sampler="langevin", seed=5, n_samples=200, step_size=1e-2, n_steps=20, init_std=2.0, batch_size=128)
     a, b = project / "a.parquet", project / "b.parquet"
-    sample_langevin.fn(cfg, model_path=model, out_path=a)
-    sample_langevin.fn(cfg, model_path=model, out_path=b)
+    sample_model.fn(cfg, model_path=model, out_path=a)
+    sample_model.fn(cfg, model_path=model, out_path=b)
     da = read_dataset(a)
     np.testing.assert_array_equal(da.x, read_dataset(b).x)
     assert da.x.shape == (200, 2) and np.isfinite(da.x).all()
-    assert da.metadata["source"] == "langevin" and da.metadata["sigma"] == pytest.approx(0.3)
+    assert da.metadata["source"] == "langevin" and da.metadata["sampler"]["step_size"] == pytest.approx(1e-2)
 
 
 def test_prepare_digits_split_and_shape(project):
     from tasks.config import ImagePrepare
     from tasks.prepare import prepare_images
 
-    info = prepare_images.fn(ImagePrepare(seed=3, test_fraction=0.2), project / "tr.parquet", project / "te.parquet")
+    info = prepare_images.fn(ImagePrepare(source="digits", seed=3, test_fraction=0.2), project / "tr.parquet", project / "te.parquet")
     tr, te = read_dataset(project / "tr.parquet"), read_dataset(project / "te.parquet")
     assert info["n_train"] + info["n_test"] == 1797 and abs(info["n_test"] - 0.2 * 1797) <= 1
     assert tr.shape == (1, 8, 8) and tr.x.shape[1] == 64 and 0.0 <= tr.x.min() and tr.x.max() <= 1.0

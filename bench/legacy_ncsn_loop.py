@@ -1,8 +1,6 @@
-"""The per-worker training loop of the train stage (runs inside Ray Train workers).
-
-Kept apart from :mod:`tasks.train` so that a worker, which imports this module to unpickle the loop, does not
-import Prefect: every import here is paid once per worker process at the start of each fit.
-"""
+"""The NCSN-only training loop the project had before the model families (commit 8ba88d8), kept verbatim but for
+its imports as the baseline of ``bench/bench_training_loop.py``: the generic loop (``tasks.training.fit``) must
+cost no measurable time over it. Not used by the pipeline."""
 
 from __future__ import annotations
 
@@ -12,17 +10,11 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from tasks.config import ConvNCSNTrain, NCSNTrain
-
-#: The train-section models a worker accepts, by name (the driver passes ``type(cfg).__name__``).
-TRAIN_CONFIGS = {cls.__name__: cls for cls in (NCSNTrain, ConvNCSNTrain)}
-
-
-def build_score_net(cfg: NCSNTrain | ConvNCSNTrain, shape: tuple[int, ...]):
+def build_score_net(cfg, shape: tuple[int, ...]):
     """The score network a train section describes, for examples of ``shape`` -> (net, class name)."""
     from stein_core import NoiseConditionalConvNet, NoiseConditionalMLP
 
-    if isinstance(cfg, ConvNCSNTrain):
+    if hasattr(cfg, "base_channels"):
         if len(shape) != 3:
             raise ValueError(f"a convolutional score network needs (C, H, W) images, the data have shape {shape}")
         c, h, w = shape
@@ -41,7 +33,7 @@ STATE_FILE = "state.pt"
 
 
 def fit_ncsn(
-    cfg: NCSNTrain | ConvNCSNTrain,
+    cfg,
     dataset,
     *,
     device,
@@ -135,59 +127,3 @@ def fit_ncsn(
             if on_checkpoint is not None:
                 on_checkpoint(state, done == cfg.n_steps)
     return state
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train (DDP) worker around :func:`fit_ncsn`. ``config``: train (a train section as dict) and its
-    class name ``train_class``, data_path, threads, mlflow run_id/uri. Rank 0 prints progress, logs the loss
-    curve into the driver's MLflow run and reports checkpoints; a restarted worker group resumes from the last."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from tasks.io import read_dataset
-
-    cfg = TRAIN_CONFIGS[config.get("train_class", "NCSNTrain")](**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = ray.train.torch.get_device()
-
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resuming after a worker-group failure
-        with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-
-    client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
-
-    def on_log(step: int, mean_loss: float, rate: float) -> None:
-        if rank != 0:
-            return
-        print(f"[train] step {step}/{cfg.n_steps}  dsm_loss {mean_loss:.4f}  {rate:,.0f} samples/s", flush=True)
-        if client is not None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            client.log_batch(
-                config["mlflow_run_id"],
-                metrics=[Metric("train/dsm_loss", mean_loss, ts, step), Metric("train/samples_per_s", rate, ts, step)],
-            )
-
-    def on_checkpoint(state: dict, final: bool) -> None:
-        metrics = {"step": state["step"], "dsm_loss": state["history"][-1][1] if state["history"] else float("nan")}
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    fit_ncsn(
-        cfg, read_dataset(config["data_path"]), device=device, rank=rank, world=world,
-        wrap=ray.train.torch.prepare_model, resume=resume, on_log=on_log, on_checkpoint=on_checkpoint,
-    )
