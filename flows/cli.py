@@ -120,6 +120,38 @@ def _print_results(spec, root: Path) -> None:
     click.echo("  runs      MLflow store .stein/mlflow.db: `stein ui` opens it on http://127.0.0.1:5000")
 
 
+@main.command("dvc-yaml")
+@click.option("--check", is_flag=True, help="Exit 1 if dvc.yaml differs from what the registry generates; write nothing.")
+def dvc_yaml(check: bool) -> None:
+    """Write dvc.yaml from the pipeline registry (flows/registry.py) and conf/*.yaml.
+
+    Adding a pipeline is one YAML file in conf/ and one line in flows/registry.py; this command then writes its
+    DVC stages. dvc.yaml is generated, never edited by hand.
+    """
+    root = _setup()
+    from flows.dvcgen import render
+    from tasks.io import atomic_path
+
+    try:
+        text = render(root)
+    except ConfigError as exc:
+        _fail(exc)
+    path = root / "dvc.yaml"
+    current = path.read_text() if path.is_file() else ""
+    if check:
+        if current != text:
+            click.echo("dvc.yaml is not what the registry generates: run `stein dvc-yaml`", err=True)
+            sys.exit(1)
+        click.echo("dvc.yaml is current")
+        return
+    if current == text:
+        click.echo("dvc.yaml is current; nothing written")
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    click.echo(f"wrote {path.relative_to(root)} ({len(text.splitlines())} lines)")
+
+
 @main.command()
 @click.argument("stage")
 @click.option("--pipeline", "-p", default="gmm2d", show_default=True, help="Pipeline whose stage to run.")
@@ -269,6 +301,60 @@ def bench_ksd(n: int, d: int, repeats: int, naive: bool | None, device: str, as_
     click.echo(f"  floor          {out['floor_seconds']:.4f}  (ratio {out['ratio_to_floor']:.2f})")
     if "naive_seconds" in out:
         click.echo(f"  naive [n,n,d]  {out['naive_seconds']:.4f}  ({out['speedup_vs_naive']:.1f}x slower)")
+
+
+@main.command()
+@click.argument("pipelines", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (runs, metrics, curves, figure) instead of the table.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the figure here (default plots/compare/<p1>_vs_<p2>.png).")
+def compare(pipelines: tuple[str, ...], as_json: bool, out: Path | None) -> None:
+    """Compare the latest runs of PIPELINES side by side (e.g. `stein compare ring8-agd ring8-mmd`).
+
+    Prints the headline metrics of each pipeline's latest finished pipeline run, one column per pipeline, with
+    the training rows (family, steps, seconds per epoch, final held-out MMD²) of the run that trained its model;
+    draws their held-out MMD² learning curves against epochs and training seconds. The numbers are read from the
+    MLflow store, so `stein ui` shows the same.
+    """
+    import json
+
+    root = _setup()
+    from flows.registry import get_pipeline
+    from tasks import compare as cmp
+    from tasks.tracking import tracking_uri
+
+    pipelines = tuple(dict.fromkeys(pipelines))
+    uri = tracking_uri(root)
+    try:
+        specs = [get_pipeline(p) for p in pipelines]
+        client = cmp.open_client(uri)
+        if client is None:
+            raise cmp.no_runs(pipelines[0], uri)
+        runs = [cmp.latest_runs(client, s.name, train_experiment=s.upstream) for s in specs]
+    except ConfigError as exc:
+        _fail(exc)
+    table = cmp.collect_table(runs)
+    curves = cmp.collect_curves(client, runs)
+    path = (out or cmp.figure_path(root, pipelines)).resolve()
+    drawn = cmp.plot_curves(curves, path, labels={p: cmp.curve_label(table, p) for p in pipelines})
+    if as_json:
+        click.echo(json.dumps(cmp.as_dict(table, curves, path if drawn else None)))
+        return
+    click.echo(cmp.format_table(table))
+    click.echo()
+    for col in table.columns:
+        if col.train_run_id is None:
+            click.echo(f"{col.pipeline}: no finished train run: training rows blank, no learning curve")
+        elif not col.train_is_child:
+            click.echo(f"{col.pipeline}: its latest pipeline run reused a model; training rows and curve from train run {col.train_run_id[:8]}")
+    no_curve = [p for p, c in curves.items() if c is None]
+    if no_curve:
+        click.echo(f"no held-out MMD² logged for {', '.join(no_curve)} (train.heldout_every is 0 or the family has no live model)")
+    if drawn:
+        click.echo(f"wrote {path.relative_to(root) if path.is_relative_to(root) else path}")
+    else:
+        click.echo("no learning curves to draw: no figure written")
+    click.echo(f"MLflow UI: `stein ui`, tick the experiments {', '.join(pipelines)}, select their latest "
+               "'pipeline ...' runs and click Compare (the curves are on the train child runs)")
 
 
 @main.command()
