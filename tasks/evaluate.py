@@ -119,8 +119,12 @@ def _plots(cfg: Evaluate, data: EvalData, samples: dict, metrics: dict[str, floa
                 key = "weight" if len(samples) == 1 else f"weight_{name}"
                 return f"{name} (weight {metrics[key]:.3f})" if key in metrics else name
 
-            title = (f"heavy mode: true weight {data.true_weight:.2f}" if data.mixture is not None
-                     else f"first two of {data.dim} coordinates")
+            if data.mixture is None:
+                title = f"first two of {data.dim} coordinates"
+            elif len(set(data.mixture_weights)) == 1:
+                title = f"true density: {data.mixture.n_components} equally weighted modes (contours)"
+            else:
+                title = f"heavy mode: true weight {data.true_weight:.2f}"
             plots.plot_sample_sets({"held-out data": test_x, **{label(k): ds.x for k, ds in samples.items()}},
                                    mixture=data.mixture if data.dim == 2 else None, path=plots_dir / "samples.png", title=title)
     first = next(iter(samples.values()))
