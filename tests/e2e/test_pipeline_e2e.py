@@ -135,7 +135,12 @@ def test_pipeline_end_to_end(repo):
     metrics = json.loads((repo / "metrics" / "gmm2d.json").read_text())
     assert {"ksd", "mmd", "weight_error", "ref_ksd", "ref_mmd", "ref_weight_error"} <= set(metrics)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
-    assert 0 <= metrics["weight_error"] <= 0.8 and metrics["n_checkpoints"] == 2
+    # 150 steps of a tiny network do not learn the weights (tests/stages/test_recorded_results.py holds the real
+    # run to weight_error <= 0.05); what the tiny run must get right is the bookkeeping: the error is |weight -
+    # 0.8|, and the held-out half (200 points, binomial sd sqrt(0.8 * 0.2 / 200) = 0.028) is within 4 sd of 0.8
+    assert metrics["true_weight"] == 0.8 and metrics["n_checkpoints"] == 2
+    assert metrics["weight_error"] == pytest.approx(abs(metrics["weight"] - 0.8))
+    assert metrics["ref_weight_error"] < 4 * (0.8 * 0.2 / 200) ** 0.5
     assert "Results:" in first.stdout
 
     # 2. MLflow: one pipeline run with the four stage runs as children, tagged with commit and DVC stage
