@@ -65,21 +65,22 @@ def time_stage(n: int) -> None:
     import numpy as np
 
     from tasks.classifier import train_feature_classifier
-    from tasks.config import ClassifierTrain, DigitsConfig, ImagePrepare
+    from flows.registry import get_pipeline
+    from tasks.config import ClassifierTrain, ImagePrepare
     from tasks.evaluate import evaluate_samples
     from tasks.evaluation import EvalInputs
-    from tasks.io import read_dataset, save_checkpoint, write_dataset
+    from tasks.families import module_checkpoint
+    from tasks.io import read_dataset, save_torch, write_dataset
     from tasks.prepare import prepare_images
     from stein_core import NoiseConditionalConvNet
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        prepare_images.fn(ImagePrepare(), d / "train.parquet", d / "test.parquet")
+        prepare_images.fn(ImagePrepare(source="digits"), d / "train.parquet", d / "test.parquet")
         train_feature_classifier.fn(ClassifierTrain(), train_path=d / "train.parquet", test_path=d / "test.parquet",
                                     model_path=d / "clf.pt", stats_path=d / "stats.pt")
         net = NoiseConditionalConvNet(in_channels=1, image_size=8, base_channels=16)
-        save_checkpoint(d / "m.pt", state_dict=net.state_dict(), model_args=net.model_args,
-                        model_class="NoiseConditionalConvNet", shape=[1, 8, 8], sigmas=[5.0, 0.01])
+        save_torch(d / "m.pt", module_checkpoint("ncsn", {"score": net}, shape=[1, 8, 8], sigmas=[5.0, 0.01]))
         train = read_dataset(d / "train.parquet").x
         rng = np.random.default_rng(0)
         fake = np.clip(train[rng.integers(0, len(train), n)] + 0.05 * rng.normal(size=(n, 64)), 0, 1)
@@ -87,7 +88,8 @@ def time_stage(n: int) -> None:
         t0 = time.perf_counter()
         inputs = EvalInputs(test=d / "test.parquet", train=d / "train.parquet", model=d / "m.pt",
                             classifier=d / "clf.pt", reference_stats=d / "stats.pt")
-        cfg = DigitsConfig().evaluate  # the digits pipeline's metrics and plots, without the checkpoints
+        # the digits pipeline's metrics and plots, without the checkpoints
+        cfg = get_pipeline("digits").load_config(Path(__file__).resolve().parents[1]).evaluate.model_copy(update={"checkpoints": None})
         evaluate_samples.fn(cfg, sample_paths={"samples": d / "samples.parquet"}, inputs=inputs,
                             metrics_path=d / "m.json", plots_dir=d / "plots")
         print(f"digits evaluate task on {n} samples (digits metrics and plots, n_eval {cfg.n_eval} for MMD/KSD, all "

@@ -1,7 +1,7 @@
 """Ray Train's overhead against a bare PyTorch loop on the same training.
 
-Both run :func:`tasks.train_worker.fit_ncsn`, the one training loop of the train stage, on the same data, config
-and thread count: once called directly in this process, once through ``tasks.train.train_ncsn`` (local Ray,
+Both run :func:`tasks.training.fit`, the one training loop of every family, on the same data, config and thread
+count: once called directly in this process, once through ``tasks.train.train_model`` (local Ray,
 ``TorchTrainer``, one worker, DDP, checkpoints reported to Ray). Ray's cost splits into a fixed part (``ray.init``
 and Train's actor start-up and shutdown) and a per-step part (DDP hooks, reporting), so a run of a given length
 can be extrapolated from one measurement:
@@ -36,11 +36,12 @@ def main() -> None:
     import torch
 
     from flows.registry import get_pipeline
+    from tasks.families import FAMILIES
     from tasks.io import read_dataset
-    from tasks.prepare import prepare_gmm
+    from tasks.prepare import prepare_mixture
     from tasks.runtime import RuntimeSettings, apply_offline_env
-    from tasks.train import train_ncsn
-    from tasks.train_worker import fit_ncsn
+    from tasks.train import train_model
+    from tasks.training import fit
 
     apply_offline_env()
     spec = get_pipeline(args.pipeline)
@@ -51,18 +52,18 @@ def main() -> None:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare_gmm.fn(cfg.prepare, tmp / "train.parquet", tmp / "test.parquet")
+        prepare_mixture.fn(cfg.prepare, tmp / "train.parquet", tmp / "test.parquet")
         dataset = read_dataset(tmp / "train.parquet")
 
         t0 = time.perf_counter()
-        fit_ncsn(train_cfg, dataset, device=torch.device("cpu"))
+        fit(FAMILIES[train_cfg.family], train_cfg, torch.from_numpy(dataset.x), dataset.shape, device=torch.device("cpu"))
         bare = time.perf_counter() - t0
         print(f"[bench] bare loop: {bare:.1f} s", flush=True)
 
         t0 = time.perf_counter()
-        info = train_ncsn.fn(
-            train_cfg, data_path=tmp / "train.parquet", model_path=tmp / "model.pt", loss_csv=tmp / "loss.csv",
-            pipeline="bench", mlflow_run_id=None, mlflow_tracking_uri=None, settings=settings,
+        info = train_model.fn(
+            train_cfg, data_path=tmp / "train.parquet", heldout_path=None, model_path=tmp / "model.pt",
+            curves_dir=tmp, pipeline="bench", mlflow_run_id=None, mlflow_tracking_uri=None, settings=settings,
         )
         ray_total = time.perf_counter() - t0
 

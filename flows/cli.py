@@ -48,6 +48,8 @@ def main() -> None:
       stein run                 reproduce the default pipeline (gmm2d); a rerun with nothing changed is a no-op
       stein run --list          list the pipelines
       stein stage sample        run one stage directly (outside DVC's skip-if-unchanged)
+      stein compare ring8-agd ring8-mmd
+                                headline metrics and learning curves of pipelines side by side
       stein ui                  browse and compare runs in the MLflow UI on 127.0.0.1
 
     Parameters live in conf/<pipeline>.yaml (tracked by DVC); runtime settings (Ray workers, GPUs, threads)

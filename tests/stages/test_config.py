@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from flows.cli import main
 from flows.registry import PIPELINES
 from tasks.config import ConfigError, load_config
-from tasks.pipelines import GenerativeConfig as GMM2dConfig
+from tasks.pipelines import GenerativeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_a_family_without_a_score_refuses_ksd_model(tmp_path, pipeline):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as info:
-        load_config(path, GMM2dConfig)
+        load_config(path, GenerativeConfig)
     msg = str(info.value)
     assert "key 'evaluate.metrics'" in msg and "ksd_model needs the model's score" in msg and "ncsn" in msg, msg
 
@@ -85,17 +85,17 @@ def _write(tmp_path: Path, mutate) -> Path:
 def test_bad_values_name_file_and_key(tmp_path, mutate, key, fragment):
     path = _write(tmp_path, mutate)
     with pytest.raises(ConfigError) as info:
-        load_config(path, GMM2dConfig)
+        load_config(path, GenerativeConfig)
     msg = str(info.value)
     assert str(path) in msg and f"key '{key}'" in msg and fragment in msg, msg
 
 
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
-        load_config(tmp_path / "nope.yaml", GMM2dConfig)
+        load_config(tmp_path / "nope.yaml", GenerativeConfig)
     (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(tmp_path / "broken.yaml", GMM2dConfig)
+        load_config(tmp_path / "broken.yaml", GenerativeConfig)
 
 
 def test_cli_exits_2_and_writes_nothing(project):
@@ -121,6 +121,6 @@ def test_cli_help_and_list():
 def test_checkpoint_sampler_must_name_an_annealed_section(tmp_path):
     path = _write(tmp_path, lambda r: r["evaluate"]["checkpoints"].update(sampler="train"))
     with pytest.raises(ConfigError) as info:
-        load_config(path, GMM2dConfig)
+        load_config(path, GenerativeConfig)
     msg = str(info.value)
     assert str(path) in msg and "key 'evaluate.checkpoints.sampler'" in msg and "options: sample" in msg, msg
