@@ -276,4 +276,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         fit(family, cfg, data, dataset.shape, device=device, rank=rank, world=world,
             wrap=ray.train.torch.prepare_model, resume=resume, heldout=heldout, hooks=Hooks(on_log, on_checkpoint))
     except TrainingDiverged as exc:
-        ray.train.report({"diverged": str(exc)})
+        # Train V2 hands the driver only the metrics of the latest *checkpoint*: the verdict travels as one (a
+        # marker, no state), and the checkpoints before it stay the last good ones.
+        if rank != 0:
+            ray.train.report({"diverged": str(exc)})
+            return
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "DIVERGED").write_text(str(exc) + "\n")
+            ray.train.report({"diverged": str(exc)}, checkpoint=ray.train.Checkpoint.from_directory(d))

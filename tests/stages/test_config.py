@@ -44,12 +44,16 @@ def test_every_family_config_builds_with_its_defaults(family):
 
 
 @pytest.mark.parametrize("pipeline", ["ring8-agd", "digits-mmd"])
-def test_a_family_without_a_score_refuses_ksd_model(tmp_path, pipeline):
-    """ksd_model needs the model's score: a generator has none, and the config fails at validation, naming the key."""
+def test_a_family_without_a_score_refuses_ksd_model(project, pipeline):
+    """ksd_model needs the model's score: a generator has none, and the config fails at validation, naming the
+    key; the stage command exits 2 before it writes anything."""
     raw = yaml.safe_load((REPO / "conf" / f"{pipeline}.yaml").read_text())
     raw["evaluate"]["metrics"].append("ksd_model")
-    path = tmp_path / "bad.yaml"
+    path = project / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["stage", "prepare", "--pipeline", pipeline, "--config", str(path)])
+    assert result.exit_code == 2 and "key 'evaluate.metrics'" in result.output, result.output
+    assert not (project / "data").exists()
     with pytest.raises(ConfigError) as info:
         load_config(path, GenerativeConfig)
     msg = str(info.value)

@@ -4,6 +4,7 @@ and N Ray Train workers computing what one worker computes with the same global 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,37 @@ def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
     if family == "agd":
         held = (project / "plots" / "heldout.csv").read_text().splitlines()
         assert held[0] == "step,epoch,seconds,mmd_heldout" and [r.split(",")[0] for r in held[1:]] == ["10", "20", "30"]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoint(project, data):
+    """Through Ray Train: a NaN row in the training data poisons the loss at the first step whose minibatch
+    draws it (found by replaying the (seed, step) generator); the stage raises with that step and the place of the
+    checkpoints Ray kept, no model is written, and the last kept checkpoint is from before the bad step. The run
+    is not retried: a retry from the checkpoint would diverge at the same step."""
+    from tasks.io import write_dataset
+    from tasks.runtime import RuntimeSettings
+    from tasks.train import train_model
+    from tasks.training import STATE_FILE, step_generator
+
+    cfg = _cfg("ncsn", n_steps=200, batch_size=16, checkpoint_every=5, log_every=5)
+    x = data.clone()
+    x[7] = float("nan")
+    bad = next(t for t in range(cfg.n_steps)
+               if 7 in torch.randint(len(x), (cfg.batch_size,), generator=step_generator(cfg.seed, t, "cpu")).tolist()) + 1
+    assert bad > 5, "the NaN row must be drawn after the first checkpoint for this test to mean something"
+    write_dataset(project / "train.parquet", x.numpy())
+    with pytest.raises(TrainingDiverged) as info:
+        train_model.fn(
+            cfg, data_path=project / "train.parquet", heldout_path=None, model_path=project / "model.pt",
+            curves_dir=project / "plots", pipeline="test", checkpoints_dir=project / "checkpoints", mlflow_run_id=None,
+            mlflow_tracking_uri=None, settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1),
+        )
+    msg = str(info.value)
+    assert f"training diverged at step {bad}: non-finite dsm_loss = nan" in msg, msg
+    assert f"the last good checkpoint is step {(bad - 1) // 5 * 5}" in msg, msg
+    assert not (project / "model.pt").exists() and not (project / "checkpoints").exists()
+    kept = sorted(Path(msg.rsplit("under ", 1)[1]).glob(f"checkpoint_*/{STATE_FILE}"))
+    assert kept, msg
+    steps = sorted(torch.load(p, weights_only=True)["step"] for p in kept)
+    assert steps[-1] == (bad - 1) // 5 * 5 < bad
