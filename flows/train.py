@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows.registry import run_stage
 from tasks.tracking import tracking_uri
-from tasks.train import train_model
+from tasks.train import check_batch_split, train_model
 
 
 @flow(name="train", log_prints=True)
@@ -15,6 +15,7 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = 
         import mlflow
 
         settings = ctx.settings
+        check_batch_split(ctx.section, settings, config or ctx.spec.config_file)
         mlflow.log_params({"runtime.num_workers": settings.num_workers, "runtime.use_gpu": settings.resolved_use_gpu()})
         mlflow.set_tag("stein.family", ctx.section.family)
         info = train_model(

@@ -28,6 +28,15 @@ from tasks.training import STATE_FILE, TrainingDiverged, train_loop_per_worker
 log = logging.getLogger("stein")
 
 
+def check_batch_split(cfg, settings: RuntimeSettings, config_file: str = "the train section") -> None:
+    """Every worker takes an equal slice of the global batch: fail before Ray starts if it does not split."""
+    if cfg.batch_size % settings.num_workers:
+        from tasks.config import ConfigError
+
+        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
+                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
 
@@ -65,11 +74,7 @@ def train_model(
 
     family = FAMILIES[cfg.family]
     settings = settings or RuntimeSettings()
-    if cfg.batch_size % settings.num_workers:
-        from tasks.config import ConfigError
-
-        raise ConfigError("train", "batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
-                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
+    check_batch_split(cfg, settings)
     root = project_root()
     threads = settings.resolved_threads()
     use_gpu = settings.resolved_use_gpu()
