@@ -22,6 +22,7 @@ help:
 	@echo "make install  - create/update $(VENV) from requirements.lock (quick when nothing changed)"
 	@echo "make bench    - time each stage of the default pipeline (writes bench/out/)"
 	@echo "make ui       - open the MLflow UI on 127.0.0.1"
+	@echo "make clean    - remove data, models, samples, plots and .stein/ (keeps the git-tracked metrics and dvc.lock)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,5 +57,6 @@ bench: install
 ui: install
 	$(BIN)/stein ui
 
+# Removes what the pipelines wrote and the project-local state; keeps what git tracks (metrics/*.json, dvc.lock).
 clean:
-	rm -rf .stein data models samples plots metrics dvc.lock
+	rm -rf .stein data models samples plots

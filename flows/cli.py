@@ -81,7 +81,9 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
         spec, _ = _validate(pipeline, root)
     except ConfigError as exc:
         _fail(exc)
-    from flows.local import prefect_server, stale_stages
+    from flows.local import exit_on_termination, prefect_server, stale_stages
+
+    exit_on_termination()
 
     stale = stale_stages(pipeline, root)
     if stale == [] and not force:
@@ -203,7 +205,8 @@ def gof(data, target, test_name, kernel, n_bootstrap, alpha, seed, max_samples, 
         click.echo(json.dumps(out))
         return
     verdict = "reject" if out["reject"] else "do not reject"
-    click.echo(f"{out['test'].upper()} goodness-of-fit test of {data} (n={out['n']}, d={out['d']}) against {target}, {kernel} kernel")
+    of = f" of {out['n_used']} rows, the other half chose the slices" if out["n"] != out["n_used"] else ""
+    click.echo(f"{out['test'].upper()} goodness-of-fit test of {data} (n={out['n']}{of}, d={out['d']}) against {target}, {kernel} kernel")
     click.echo(f"  statistic {out['statistic']:.6g}   p-value {out['p_value']:.4f}   ({verdict} H0 at alpha={alpha})")
 
 

@@ -8,8 +8,10 @@ no-op ``stein run`` (a ``dvc status``) fast.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,9 +80,11 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
     env = tool_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})
     prefect_bin = Path(sys.executable).parent / "prefect"
     with open(logfile, "w") as out:
+        # its own process group (a Ctrl-C of the terminal reaches only us, and we stop it after the flow's last
+        # log lines), and it dies with us even when we are killed: PR_SET_PDEATHSIG on Linux
         proc = subprocess.Popen(
             [str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent,
         )
     try:
         deadline = time.monotonic() + timeout
@@ -100,9 +104,40 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
         yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process_group(proc)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: ask the kernel to send it SIGTERM when its parent dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM to the process group ``proc`` leads (the server and anything it started), SIGKILL after
+    ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP end this process like Ctrl-C does, through ``finally`` blocks and context managers (which
+    stop the servers it started); the default action would end it on the spot and leave them running."""
+
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit)

@@ -69,7 +69,10 @@ def goodness_of_fit(
         "p_value": float(result.p_value),
         "reject": bool(result.reject),
         "alpha": alpha,
-        "n": int(x.shape[0]),
+        # the rows the statistic was computed on: all of them for KSD, the tested half for maxSKSD (the other half
+        # chose the slice directions); n_used is every row read (after max_samples)
+        "n": int(result.n) if test == "sksd" else int(x.shape[0]),
+        "n_used": int(x.shape[0]),
         "d": int(x.shape[1]),
         "n_bootstrap": n_bootstrap,
         "data": str(data),

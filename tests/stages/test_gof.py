@@ -25,7 +25,9 @@ def test_gof_accepts_the_truth_and_rejects_a_wrong_model(tmp_path, test):
     write_dataset(normal, rng.normal(size=(300, 3)))
     write_dataset(laplace, rng.laplace(size=(300, 3)))
     same = _gof(normal, "--test", test)
-    assert {"statistic", "p_value", "n", "d"} <= set(same) and (same["n"], same["d"]) == (300, 3)
+    # n: the rows the statistic saw (maxSKSD tests the half it did not fit its directions on)
+    assert {"statistic", "p_value", "n", "d"} <= set(same) and (same["n"], same["d"]) == (300 if test == "ksd" else 150, 3)
+    assert same["n_used"] == 300
     assert same["p_value"] > 0.05 and not same["reject"]
     wrong = _gof(laplace, "--test", test, "--target", "std_normal")
     assert wrong["p_value"] <= 0.01 and wrong["reject"]

@@ -1,0 +1,61 @@
+"""Servers a command starts stop with it: the Prefect server of `stein run` is gone after a SIGTERM to the command
+(its `finally` runs) and after a SIGKILL (the kernel's parent-death signal), with every process of its group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import time
+from flows.local import exit_on_termination, prefect_server
+exit_on_termination()
+with prefect_server() as url:
+    print(url, flush=True)
+    time.sleep(600)
+"""
+
+
+def _server_processes(port: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "prefect" in cmd and "server" in cmd and f"--port {port}" in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_prefect_server_stops_with_the_command_that_started_it(project, sig):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=project, env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        server = _server_processes(port)
+        assert server, f"no prefect server process on port {port}"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in server if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive, f"left running after {sig.name}: {[p.pid for p in alive]}"
+        assert not _server_processes(port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in _server_processes(port) if "port" in locals() else []:
+            p.kill()
