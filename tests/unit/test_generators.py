@@ -355,23 +355,14 @@ def test_generator_fits_a_correlated_gaussian(method):
 # ---------------------------------------------------------------------------
 # Generator networks
 # ---------------------------------------------------------------------------
-def _round_trip(net, cls, tmp_path):
-    path = tmp_path / "gen.pt"
-    torch.save({"model_args": net.model_args, "state_dict": net.state_dict()}, path)
-    ckpt = torch.load(path, weights_only=True)
-    rebuilt = cls(**ckpt["model_args"])
-    rebuilt.load_state_dict(ckpt["state_dict"])
-    return rebuilt
-
-
-def test_mlp_generator_shapes_round_trip_and_rows(tmp_path):
+def test_mlp_generator_shapes_round_trip_and_rows(tmp_path, round_trip):
     torch.manual_seed(0)
     net = MLPGenerator(3, 5, hidden=16, n_layers=2)
     assert net.model_args == {"latent_dim": 3, "out_dim": 5, "hidden": 16, "n_layers": 2} and net.latent_dim == 3
     z = torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
     x = net(z)
     assert x.shape == (12, 5) and x.dtype == torch.float32
-    assert torch.equal(_round_trip(net, MLPGenerator, tmp_path)(z), x)
+    assert torch.equal(round_trip(net, MLPGenerator)(z), x)
     # Row-wise (no batch statistics): one batch of 12 == two batches of 5 and 7.
     torch.testing.assert_close(torch.cat([net(z[:5]), net(z[5:])]), x, rtol=0, atol=0)
     # sample(): z ~ N(0, I) from the generator, on the parameters' dtype.
@@ -385,7 +376,7 @@ def test_mlp_generator_shapes_round_trip_and_rows(tmp_path):
 
 
 @pytest.mark.parametrize("shape, stages", [((1, 8, 8), 1), ((1, 28, 28), 2), ((3, 32, 32), 3), ((2, 30, 20), 2)])
-def test_conv_generator_shapes_range_round_trip_and_rows(shape, stages, tmp_path):
+def test_conv_generator_shapes_range_round_trip_and_rows(shape, stages, tmp_path, round_trip):
     torch.manual_seed(0)
     net = ConvGenerator(8, shape, base_channels=8)
     assert net.n_stages == stages and net.latent_dim == 8 and net.image_shape == shape
@@ -395,7 +386,7 @@ def test_conv_generator_shapes_range_round_trip_and_rows(shape, stages, tmp_path
     c, h, w = shape
     assert x.shape == (5, c * h * w)
     assert (x > 0).all() and (x < 1).all() and x.std() > 1e-3  # sigmoid: images in (0, 1), not constant
-    assert torch.equal(_round_trip(net, ConvGenerator, tmp_path)(z), x)
+    assert torch.equal(round_trip(net, ConvGenerator)(z), x)
     # GroupNorm, not BatchNorm: each sample depends on its own latent only (N workers == 1 worker).
     torch.testing.assert_close(torch.cat([net(z[:2]), net(z[2:])]), x, rtol=1e-6, atol=1e-7)
     assert net.double()(z.double()).dtype == DT

@@ -40,20 +40,10 @@ def test_output_is_scaled_by_inverse_sigma():
         assert f.abs().max() < 10.0
 
 
-def _round_trip(net, cls, tmp_path):
-    """Save ``model_args`` and weights, load them with ``weights_only=True``, rebuild a ``cls``."""
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model_args": net.model_args, "state_dict": net.state_dict()}, path)
-    ckpt = torch.load(path, weights_only=True)
-    rebuilt = cls(**ckpt["model_args"])
-    rebuilt.load_state_dict(ckpt["state_dict"])
-    return rebuilt
-
-
-def test_model_args_round_trip(tmp_path):
+def test_model_args_round_trip(tmp_path, round_trip):
     net = make(seed=0, hidden=24, n_layers=2, embed_dim=8)
     assert net.model_args == {"dim": 2, "hidden": 24, "n_layers": 2, "embed_dim": 8}
-    rebuilt = _round_trip(net, NoiseConditionalMLP, tmp_path)
+    rebuilt = round_trip(net, NoiseConditionalMLP)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
     sig = torch.rand(16, generator=torch.Generator().manual_seed(5)) + 0.1
     assert torch.equal(rebuilt(x, sig), net(x, sig))
@@ -152,13 +142,13 @@ def test_conv_output_is_inverse_sigma_scaled_and_starts_at_zero():
         assert 0 < f.abs().max() < 10.0  # the unit-scale f = sigma * s stays O(1) at every noise level
 
 
-def test_conv_model_args_round_trip_weights_only(tmp_path):
+def test_conv_model_args_round_trip_weights_only(tmp_path, round_trip):
     net = perturb_output_layer(make_conv((1, 28, 28), base_channels=8, num_res_blocks=2, embed_dim=8))
     assert net.model_args == {
         "in_channels": 1, "image_size": 28, "base_channels": 8, "channel_mults": [1, 2, 2],
         "num_res_blocks": 2, "embed_dim": 8,
     }
-    rebuilt = _round_trip(net, NoiseConditionalConvNet, tmp_path)
+    rebuilt = round_trip(net, NoiseConditionalConvNet)
     x = torch.rand(2, 784, generator=torch.Generator().manual_seed(5))
     sig = torch.tensor([0.1, 3.0])
     assert torch.equal(rebuilt(x, sig), net(x, sig))
