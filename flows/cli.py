@@ -81,9 +81,20 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
         spec, _ = _validate(pipeline, root)
     except ConfigError as exc:
         _fail(exc)
-    from flows.local import exit_on_termination, prefect_server, stale_stages
+    from flows.local import ProjectBusy, exit_on_termination, project_lock
 
     exit_on_termination()
+    try:
+        with project_lock(root):  # raises ProjectBusy on entry only
+            _reproduce(spec, pipeline, root, force)
+    except ProjectBusy as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _reproduce(spec, pipeline: str, root: Path, force: bool) -> None:
+    """The body of ``stein run`` under the project lock: what is stale, the Prefect server, the pipeline flow."""
+    from flows.local import prefect_server, stale_stages
 
     stale = stale_stages(pipeline, root)
     if stale == [] and not force:

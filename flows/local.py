@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -52,6 +53,35 @@ def stale_stages(pipeline: str, root: Path) -> list[str] | None:
     except json.JSONDecodeError:
         return None
     return sorted(status)
+
+
+class ProjectBusy(RuntimeError):
+    """Another ``stein run`` is reproducing pipelines in this project (DVC allows one ``dvc repro`` at a time)."""
+
+
+@contextlib.contextmanager
+def project_lock(root: Path) -> Iterator[None]:
+    """Hold ``.stein/run.lock`` (an exclusive ``flock``, released by the kernel when this process ends, however it
+    ends) while a pipeline is reproduced: a second ``stein run`` fails at once, naming the first, instead of
+    starting its servers and then failing inside ``dvc repro`` on DVC's repository lock."""
+    path = state_dir(root) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ProjectBusy(f"{holder} is reproducing pipelines in {root} (DVC runs one `dvc repro` at a time): "
+                              f"wait for it to finish, or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"`stein run` (pid {os.getpid()})")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,22 @@ def test_checkpoint_sampler_must_name_an_annealed_section(tmp_path):
         load_config(path, GenerativeConfig)
     msg = str(info.value)
     assert str(path) in msg and "key 'evaluate.checkpoints.sampler'" in msg and "options: sample" in msg, msg
+
+
+def test_a_second_stein_run_fails_at_once_naming_the_first(project):
+    """While one `stein run` holds the project (DVC reproduces one pipeline at a time), a second one exits 1 at once
+    with the holder in its last line, before it starts a server or touches DVC; the lock goes with its holder."""
+    import fcntl
+    import time
+
+    from flows.local import project_lock
+
+    shutil.copytree(REPO / "conf", project / "conf")
+    with project_lock(project):
+        t0 = time.perf_counter()
+        result = CliRunner().invoke(main, ["run", "gmm2d"])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines()[-1].startswith(f"error: `stein run` (pid {os.getpid()}) is reproducing")
+        assert time.perf_counter() - t0 < 10
+    with open(project / ".stein" / "run.lock") as f:  # released: a new holder gets it at once
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
