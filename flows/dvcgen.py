@@ -86,8 +86,7 @@ def pipeline_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
             for f in plot_files(ev):
                 p = rel(paths.plots / f)
                 plots.append({p: {"x": "step", "y": HEADLINE_KEY[ev.checkpoints.metrics[0]]}} if f.endswith(".csv") else p)
-        if deps or CODE[kind]:
-            block["deps"] = [*deps, *CODE[kind]]
+        block["deps"] = [*deps, *CODE[kind]]  # every stage has code deps
         block["params"] = [{spec.config_file: sections}]
         if outs:
             block["outs"] = outs
