@@ -371,6 +371,11 @@ def median_rbf(x: Tensor, y: Tensor | None = None) -> RBF:
     ``kernel`` of :func:`sksd` / :func:`maxsksd` (a factory called on each 1-D
     projection ``[..., n, 1]``) it gives every slice its own median-heuristic
     bandwidth, the setting of Gong et al. (2021).
+
+    Where most points coincide the bandwidth is the median heuristic's
+    fallback (the median of the non-zero squared distances); where all of them
+    coincide (e.g. a constant coordinate, for a slice) it raises ``ValueError``
+    rather than return a zero bandwidth, whose kernel would be NaN.
     """
     return RBF(median_heuristic(x, y))  # bandwidth [...], broadcast by RBF
 
@@ -436,7 +441,15 @@ def sliced_stein_kernel_matrix(
         u = proj_x[..., k]  # [..., n]
         s = proj_s[..., k]  # [..., n]
         ck = c[..., k, None, None]  # [..., 1, 1]
-        kern = kernel if isinstance(kernel, RadialKernel) else kernel(u.unsqueeze(-1))
+        if isinstance(kernel, RadialKernel):
+            kern = kernel
+        else:
+            try:
+                kern = kernel(u.unsqueeze(-1))
+            except ValueError as err:  # e.g. a median heuristic on a projection where all points coincide
+                raise ValueError(
+                    f"the slice kernel factory failed on the projections g.x_i of a slice: {err}"
+                ) from err
         delta = u[..., :, None] - u[..., None, :]  # [..., n, n]
         delta2 = delta * delta
         phi, dphi, d2phi = kern.profile(delta2)

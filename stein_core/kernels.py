@@ -341,6 +341,14 @@ class DeepKernel:
         return grad_x_sum_autograd(self, x, y)
 
 
+#: Pairs with ``r^2_ij <= _COINCIDE_ROUNDOFF * sqrt(d) * eps * (|z_i - zbar|^2 + |z_j - zbar|^2)`` count as
+#: coincident in :func:`median_heuristic`: :func:`sq_dists` expands ``|a|^2 + |b|^2 - 2 a.b`` on centred points,
+#: so two equal rows may come out at a few ulps of their squared norms instead of exactly 0 (measured: up to
+#: ``0.6 sqrt(d) eps (|z_i|^2 + |z_j|^2)`` for ``d`` from 1 to 3072, float32 and float64); distances below that
+#: are not resolved by any kernel built on :func:`sq_dists` either.
+_COINCIDE_ROUNDOFF = 8.0
+
+
 def median_heuristic(
     x: Tensor,
     y: Tensor | None = None,
@@ -348,7 +356,7 @@ def median_heuristic(
     max_points: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Median-heuristic RBF bandwidth.
+    """Median-heuristic RBF bandwidth, with a fallback when most points coincide.
 
     Convention: pool the samples (``x``, and ``y`` if given, along the sample
     axis), take the squared distances ``r^2_ij`` of all pairs ``i < j``
@@ -357,26 +365,48 @@ def median_heuristic(
         h = sqrt(median(r^2_ij) / 2),
 
     so that ``RBF(h)`` evaluates to ``exp(-r^2 / median(r^2))``. The median is
-    the lower median (``torch.median``) when the number of pairs is even.
+    the lower median (``torch.median``) when the number of pairs is even. The
+    heuristic and its large-sample behaviour: Garreau, Jitkrittum & Kanagawa,
+    "Large sample analysis of the median heuristic", arXiv:1707.07269, 2017.
+
+    Degenerate median (documented fallback): when at least half of the pairs
+    coincide (e.g. about 71% or more of the points are one repeated point) the
+    median is 0, and ``RBF(0)`` would turn every statistic into NaN. Then the
+    median of the *non-zero* ``r^2_ij`` is used instead, i.e. the scale of the
+    points that differ:
+
+        h = sqrt(median{r^2_ij : r^2_ij > 0} / 2)   if median(r^2_ij) = 0.
+
+    A pair counts as coincident when its ``r^2`` is within round-off of 0
+    (``r^2_ij <= 8 sqrt(d) eps (|z_i - zbar|^2 + |z_j - zbar|^2)``, ``zbar``
+    the mean point: what :func:`sq_dists` returns for two equal rows). Each
+    batch entry is treated on its own.
 
     Args:
         x: ``[..., n, d]``.
         y: optional ``[..., m, d]`` pooled with ``x``.
         max_points: if set and more points are pooled, a uniform random subset
             of ``max_points`` points (without replacement, same for every batch
-            entry) is used, bounding memory at ``max_points^2``.
+            entry) is used, bounding memory at ``max_points^2``. The fallback
+            and the check below apply to that subset.
         generator: RNG for the subset.
 
     Returns:
-        ``[...]`` bandwidth (a 0-dim tensor for unbatched input), detached,
-        with the dtype and device of ``x``. Returns 0 if all points coincide.
+        ``[...]`` bandwidth ``> 0`` (a 0-dim tensor for unbatched input),
+        detached, with the dtype and device of ``x``.
+
+    Raises:
+        ValueError: if fewer than 2 points are pooled, or if all (subsampled)
+            points of a batch entry coincide: there is no scale to take a
+            bandwidth from (pass a fixed bandwidth instead).
     """
     z = x if y is None else torch.cat([x, y], dim=-2)
     z = z.detach()
-    n = z.shape[-2]
+    n, d = z.shape[-2], z.shape[-1]
     if n < 2:
         raise ValueError("median_heuristic needs at least 2 points")
-    if max_points is not None and n > max_points:
+    subsampled = max_points is not None and n > max_points
+    if subsampled:
         if max_points < 2:
             raise ValueError(f"max_points must be >= 2, got {max_points}")
         # Random subset without replacement: argsort of uniform keys.
@@ -387,7 +417,28 @@ def median_heuristic(
     r2 = sq_dists(z, z)  # [..., n, n]
     iu = torch.triu_indices(n, n, offset=1, device=z.device)
     pairs = r2[..., iu[0], iu[1]]  # [..., n(n-1)/2]
-    med = pairs.median(dim=-1).values
+    zc = z - z.mean(dim=-2, keepdim=True)  # the centring sq_dists uses
+    norm2 = (zc * zc).sum(-1)  # [..., n]
+    tol = (_COINCIDE_ROUNDOFF * d**0.5 * torch.finfo(z.dtype).eps) * (norm2[..., iu[0]] + norm2[..., iu[1]])
+    coincide = pairs <= tol  # [..., n(n-1)/2]
+    pairs = pairs.masked_fill(coincide, 0.0)
+    med = pairs.median(dim=-1).values  # [...]
+    degenerate = med <= 0
+    if bool(degenerate.any()):
+        all_coincide = coincide.all(dim=-1)  # [...]
+        if bool(all_coincide.any()):
+            what = f"{n} subsampled (max_points={max_points})" if subsampled else f"{n}"
+            where = ""
+            if all_coincide.ndim > 0:
+                entries = all_coincide.nonzero().tolist()
+                shown = ", ".join(str(tuple(e)) for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+                where = f" in {len(entries)} of {all_coincide.numel()} batch entries ({shown})"
+            raise ValueError(
+                f"all {what} points coincide{where}: no kernel bandwidth; the median heuristic needs at "
+                "least two distinct points (pass a fixed bandwidth, or check the samples for a collapse)"
+            )
+        nonzero_med = pairs.masked_fill(coincide, float("nan")).nanmedian(dim=-1).values  # [...]
+        med = torch.where(degenerate, nonzero_med, med)
     return torch.sqrt(med / 2.0)
 
 
@@ -422,14 +473,15 @@ def imq_mixture(
         a ``[...]`` tensor (one per batch entry); otherwise a float.
 
     Raises:
-        ValueError: if all pooled points coincide (``h = 0``) or a scale is not > 0.
+        ValueError: if a scale is not > 0, or (from :func:`median_heuristic`)
+            if all pooled points of a batch entry coincide. When most, but not
+            all, points coincide ``h`` is the median-heuristic fallback (the
+            median of the non-zero squared distances), so ``h > 0`` always.
     """
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0.0:
         raise ValueError(f"scales must be non-empty and > 0, got {scales}")
-    h = median_heuristic(x, y, max_points=max_points, generator=generator)
-    if bool((h <= 0).any()):
-        raise ValueError("median heuristic bandwidth is 0 (all points coincide)")
+    h = median_heuristic(x, y, max_points=max_points, generator=generator)  # > 0, or it raised
     if h.ndim == 0:
         hf = float(h)
         return SumKernel([IMQ(s * hf, beta) for s in scales])

@@ -8,6 +8,12 @@ so they are never 0 and the test rejecting when ``p <= alpha`` has level at
 most ``alpha`` for exchangeable draws (permutations), and asymptotically for
 the wild bootstrap.
 
+A non-finite statistic is an error, never a decision: every test checks that
+its samples (and score values) are finite, and raises ``ValueError`` if the
+observed statistic or any resampled one is not finite (a NaN compares false
+with everything, so it would otherwise count as "above every draw" and give
+``p = 1 / (B + 1)``, a confident rejection).
+
 Shapes: samples ``[..., n, d]``; statistics and p-values ``[...]``; resampled
 statistics ``[..., B]``. Everything runs without autograd and keeps the dtype
 and device of the input; randomness comes from ``generator``.
@@ -83,6 +89,54 @@ def _p_value(stat: Tensor, null: Tensor) -> Tensor:
     return (1 + count).to(stat.dtype) / (1 + b)
 
 
+_HINT = "the kernel bandwidth collapsed (e.g. a median heuristic of 0) or the data contain NaN/inf"
+
+
+def _check_rows(name: str, t: Tensor) -> None:
+    """Raise if any row of ``t [..., n, d]`` has a NaN or inf, naming how many rows (over all batch entries)."""
+    bad = ~torch.isfinite(t).all(dim=-1)  # [..., n]
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} of {bad.numel()} rows of {name} are not finite (NaN or inf); "
+            "a kernel test needs finite inputs"
+        )
+
+
+def _check_finite_statistics(name: str, stat: Tensor, null: Tensor, resampled: str) -> None:
+    """Raise unless ``stat [...]`` and every resampled statistic ``null [..., B]`` is finite."""
+    bad_stat = ~torch.isfinite(stat)
+    if bool(bad_stat.any()):
+        values = sorted({str(v) for v in stat[bad_stat].tolist()})
+        where = f" in {int(bad_stat.sum())} of {bad_stat.numel()} batch entries" if stat.ndim > 0 else ""
+        raise ValueError(
+            f"the {name} statistic is not finite ({', '.join(values)}){where}: {_HINT}; no p-value is returned"
+        )
+    bad_null = ~torch.isfinite(null)
+    if bool(bad_null.any()):
+        raise ValueError(
+            f"{int(bad_null.sum())} of {bad_null.numel()} {resampled} statistics of {name} are not finite: "
+            f"{_HINT}; no p-value is returned"
+        )
+
+
+def _bootstrap(
+    h: Tensor, n_bootstrap: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Observed U-statistic ``[...]`` and wild-bootstrap draws ``[..., B]`` of ``h [..., n, n]`` (unchecked)."""
+    n = h.shape[-1]
+    if n < 2:
+        raise ValueError("a U-statistic needs at least 2 samples")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    h0 = h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1))
+    norm = n * (n - 1)
+    stat = h0.sum(dim=(-2, -1)) / norm
+    w = randint(2, (*h.shape[:-2], n_bootstrap, n), device=h.device, generator=generator)
+    w = (2 * w - 1).to(h.dtype)  # [..., B, n]  Rademacher
+    null = ((w @ h0) * w).sum(-1) / norm  # [..., B]
+    return stat, null
+
+
 def wild_bootstrap(
     h: Tensor, *, n_bootstrap: int = 500, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,18 +158,13 @@ def wild_bootstrap(
 
     Returns:
         ``(statistic [...], null_samples [..., B], p_value [...])``.
+
+    Raises:
+        ValueError: if the statistic or any bootstrap statistic is not finite
+            (e.g. ``h`` holds NaN or inf).
     """
-    n = h.shape[-1]
-    if n < 2:
-        raise ValueError("a U-statistic needs at least 2 samples")
-    if n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
-    h0 = h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1))
-    norm = n * (n - 1)
-    stat = h0.sum(dim=(-2, -1)) / norm
-    w = randint(2, (*h.shape[:-2], n_bootstrap, n), device=h.device, generator=generator)
-    w = (2 * w - 1).to(h.dtype)  # [..., B, n]  Rademacher
-    null = ((w @ h0) * w).sum(-1) / norm  # [..., B]
+    stat, null = _bootstrap(h, n_bootstrap, generator)
+    _check_finite_statistics("U", stat, null, "wild-bootstrap")
     return stat, null, _p_value(stat, null)
 
 
@@ -145,10 +194,20 @@ def ksd_test(
 
     Returns:
         :class:`KernelTestResult`.
+
+    Raises:
+        ValueError: if a row of ``x`` or of the score is not finite, or if the
+            statistic or a bootstrap statistic is not finite (e.g. an RBF
+            bandwidth of 0): never a p-value computed from NaN.
     """
+    _check_rows("x", x)
     with torch.no_grad():
-        h = stein_kernel_matrix(x, _eval_score(x, score), kernel)
-        stat, null, p = wild_bootstrap(h, n_bootstrap=n_bootstrap, generator=generator)
+        score_x = _eval_score(x, score)
+        _check_rows("the score at x", score_x)
+        h = stein_kernel_matrix(x, score_x, kernel)
+        stat, null = _bootstrap(h, n_bootstrap, generator)
+    _check_finite_statistics("KSD^2", stat, null, "wild-bootstrap")
+    p = _p_value(stat, null)
     return KernelTestResult(stat, p, p <= alpha, null, x.shape[-2], x.shape[-1])
 
 
@@ -192,9 +251,15 @@ def sksd_test(
 
     Returns:
         :class:`SlicedTestResult`; ``n`` is the size of the tested half.
+
+    Raises:
+        ValueError: as :func:`ksd_test` (non-finite samples, score or
+            statistics), and if the optimised directions are not finite.
     """
     stat_kind = _check_statistic("u")
+    _check_rows("x", x)
     score_x = _eval_score(x, score).detach()
+    _check_rows("the score at x", score_x)
     x = x.detach()
     r0, g0 = _init_directions(x, variant, r, g, n_slices, generator)
     if n_steps > 0:
@@ -213,10 +278,17 @@ def sksd_test(
             lr=lr,
             statistic=stat_kind,
         )
+        if not (bool(torch.isfinite(r0).all()) and bool(torch.isfinite(g0).all())):
+            raise ValueError(
+                f"the maxSKSD slice directions optimised on the first {n_opt} samples are not finite "
+                f"(the SKSD objective was NaN/inf): {_HINT}; no p-value is returned"
+            )
         x, score_x = x[..., n_opt:, :], score_x[..., n_opt:, :]
     with torch.no_grad():
         h = sliced_stein_kernel_matrix(x, score_x, kernel, r0, g0)
-        stat, null, p = wild_bootstrap(h, n_bootstrap=n_bootstrap, generator=generator)
+        stat, null = _bootstrap(h, n_bootstrap, generator)
+    _check_finite_statistics("maxSKSD", stat, null, "wild-bootstrap")
+    p = _p_value(stat, null)
     return SlicedTestResult(stat, p, p <= alpha, null, x.shape[-2], x.shape[-1], r0, g0)
 
 
@@ -255,6 +327,11 @@ def mmd_permutation_test(
 
     Returns:
         :class:`KernelTestResult` (``n`` is the pooled size ``n + m``).
+
+    Raises:
+        ValueError: if a row of ``x`` or ``y`` is not finite, or if the
+            statistic or a permutation statistic is not finite (e.g. an RBF
+            bandwidth of 0): never a p-value computed from NaN.
     """
     stat_kind = _check_statistic(statistic)
     n, m = x.shape[-2], y.shape[-2]
@@ -262,6 +339,8 @@ def mmd_permutation_test(
         raise ValueError("each sample needs at least 2 points")
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    _check_rows("x", x)
+    _check_rows("y", y)
     with torch.no_grad():
         z = torch.cat([x, y], dim=-2)  # [..., N, d]
         total = n + m
@@ -292,5 +371,6 @@ def mmd_permutation_test(
         else:
             stats = s_xx / (n * n) + s_yy / (m * m) - 2.0 * s_xy / (n * m)
         stat, null = stats[..., 0], stats[..., 1:]
-        p = _p_value(stat, null)
+    _check_finite_statistics("MMD^2", stat, null, "permutation")
+    p = _p_value(stat, null)
     return KernelTestResult(stat, p, p <= alpha, null, total, x.shape[-1])

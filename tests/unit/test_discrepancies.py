@@ -452,3 +452,41 @@ def test_blocked_ksd_equals_matrix_form(monkeypatch, dtype, statistic, kernel_na
     (g_fast,) = torch.autograd.grad(fast.sum(), x, retain_graph=True)  # the score graph is shared
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(g_fast, g_ref, rtol=50 * tol, atol=50 * tol * g_ref.abs().max().item())
+
+
+# --------------------------------------------------------------------------- issue 10 item 9: collapsed bandwidth
+
+
+def test_median_rbf_statistics_stay_finite_when_most_points_coincide():
+    """80% of the rows are one point, so the plain median of r^2 is 0: median_rbf used to give RBF(0), whose
+    KSD, MMD and (per-slice) maxSKSD were NaN. With the median heuristic's fallback (median of the non-zero r^2)
+    all are finite, and KSD matches the closed form at the reference bandwidth."""
+    from stein_core.discrepancies import maxsksd, median_rbf
+
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(150, 2, generator=gen, dtype=torch.float64)
+    idx = torch.randperm(150, generator=gen)[:120]
+    x[idx] = x[idx[0]].clone()
+    y = torch.randn(150, 2, generator=gen, dtype=torch.float64)
+    diff2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)[tuple(torch.triu_indices(150, 150, 1))]
+    assert diff2.median() == 0
+    nz = diff2[diff2 > 0].sort().values
+    h = math.sqrt(nz[(len(nz) - 1) // 2].item() / 2.0)
+    k = median_rbf(x)
+    assert abs(k.bandwidth.item() - h) < 1e-12
+    value = ksd(x, -x, k)
+    torch.testing.assert_close(value, ksd(x, -x, RBF(h)), rtol=1e-12, atol=0)
+    assert torch.isfinite(value) and value > 0.5  # an atom is far from N(0, I) (~1.5 here)
+    assert torch.isfinite(mmd(x, y, median_rbf(x, y)))
+    res = maxsksd(x, -x, median_rbf, n_steps=3)
+    assert torch.isfinite(res.statistic) and torch.isfinite(res.g).all()
+
+
+def test_sliced_kernel_factory_error_names_the_slice_projections():
+    from stein_core.discrepancies import median_rbf, sksd
+
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(41), dtype=torch.float64)
+    x[:, 1] = -1.0  # the second coordinate is constant: every projection on e_2 coincides
+    eye = torch.eye(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="slice kernel factory failed on the projections.*all 20 points coincide"):
+        sksd(x, -x, median_rbf, r=eye, g=eye)

@@ -5,13 +5,16 @@ Tolerances for rejection rates are binomial: with R repetitions at rate p the sd
 observed rate is sqrt(p (1 - p) / R) (0.0154 for R = 200, p = 0.05).
 """
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from stein_core import IMQ, RBF, ksd, mmd, stein_kernel_matrix
 from stein_core.discrepancies import median_rbf
-from stein_core.kernels import median_heuristic
-from stein_core.tests_stat import KernelTestResult, ksd_test, mmd_permutation_test, wild_bootstrap
+from stein_core.kernels import imq_mixture, median_heuristic
+from stein_core.tests_stat import KernelTestResult, ksd_test, mmd_permutation_test, sksd_test, wild_bootstrap
 
 
 def rademacher_draws(shape, seed):
@@ -187,6 +190,155 @@ def test_ksd_test_power(reps):
 def test_mmd_permutation_test_power(reps):
     rate = rejection_rate(mmd_run(500, 0.5, torch.Generator().manual_seed(reps + 3)), reps=reps, chunk=10)
     assert rate >= 0.95, rate
+
+
+# ---------------------------------------------------------------------------
+# Issue 10 item 9: a collapsed bandwidth or non-finite data is an error, never a decision
+# ---------------------------------------------------------------------------
+def mostly_one_point(n, d, frac, seed):
+    """``n`` rows of N(0, I_d) in float64, ``int(frac * n)`` of them (at random positions) one repeated draw."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    idx = torch.randperm(n, generator=g)[: int(frac * n)]
+    x[idx] = x[idx[0]].clone()
+    return x
+
+
+def nonzero_median_bandwidth(z):
+    """Reference fallback bandwidth: sqrt(lower median of the non-zero exact r^2_ij, i < j, / 2), numpy."""
+    z = z.numpy()
+    r2 = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)[np.triu_indices(len(z), 1)]
+    assert np.median(r2) == 0.0  # the case the fallback is for
+    nz = np.sort(r2[r2 > 0])
+    return math.sqrt(nz[(len(nz) - 1) // 2] / 2.0)
+
+
+@pytest.mark.parametrize("kernel_name", ["rbf_median", "imq_mixture"])
+def test_ksd_test_with_mostly_coincident_points_is_finite_and_rejects(kernel_name):
+    # 80% of 200 rows are one point (64% of the pairs have r^2 = 0): the plain median bandwidth was 0, the RBF KSD
+    # NaN, and the test returned p = 1/(B+1), reject=True *because* of the NaN (imq_mixture raised instead).
+    # With the fallback bandwidth the statistic is finite, equals ksd() at the reference bandwidth, and the test
+    # rejects for the right reason: a sample with an atom is not i.i.d. N(0, I), and its KSD^2 (~1.8 for the
+    # RBF) lies far above every one of the B = 200 bootstrap draws (null sd ~0.01 at n = 200).
+    x = mostly_one_point(200, 2, 0.8, seed=30)
+    h = nonzero_median_bandwidth(x)
+    kernel = median_rbf(x) if kernel_name == "rbf_median" else imq_mixture(x)
+    res = ksd_test(x, lambda t: -t, kernel, n_bootstrap=200, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.statistic) and torch.isfinite(res.null_samples).all()
+    if kernel_name == "rbf_median":
+        assert abs(kernel.bandwidth.item() - h) < 1e-12
+        torch.testing.assert_close(res.statistic, ksd(x, -x, RBF(h)), rtol=1e-12, atol=0)
+    assert res.statistic > 10 * res.null_samples.abs().max()
+    assert res.reject and res.p_value.item() == pytest.approx(1 / 201)
+
+
+def test_sksd_test_with_mostly_coincident_points_is_finite_and_rejects():
+    # The per-slice median bandwidth of the projections (coordinates, at the start) was 0 for the same sample:
+    # NaN statistic and directions, p = 1/(B+1). Now finite, and rejecting as for KSD above.
+    x = mostly_one_point(200, 2, 0.8, seed=31)
+    res = sksd_test(x, lambda t: -t, median_rbf, n_steps=5, n_bootstrap=200, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.statistic) and torch.isfinite(res.null_samples).all()
+    assert torch.isfinite(res.g).all() and res.n == 100
+    # KSD-like margin: the statistic (3.9) is ~9x the largest |bootstrap draw| (0.43; the 100 tested rows).
+    assert res.statistic > 5 * res.null_samples.abs().max() and res.reject
+
+
+def test_mmd_permutation_test_with_an_atom_holds_its_level():
+    # Both samples from 0.9 delta_a + 0.1 N(0, I_2), n = m = 50, 200 repetitions batched, median-heuristic RBF per
+    # repetition. About 81% of the pooled pairs have r^2 = 0, so the plain median bandwidth is 0 in (almost) every
+    # repetition: before the fallback each of those statistics was NaN and rejected (rate 1). H0 holds and the
+    # pooled multiset, hence the bandwidth, is permutation invariant, so the permutation test is exact
+    # conditionally on it: the rejection rate among the degenerate repetitions is <= 0.05 up to binomial noise
+    # (sd 0.0154 at 0.05 for 200; scratch runs of 1000 repetitions: 0.043-0.046). [0.01, 0.09] is -2.6/+2.6 sd.
+    gen = torch.Generator().manual_seed(32)
+    atom = torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+    def sample():
+        z = torch.randn(200, 50, 2, generator=gen, dtype=torch.float64)
+        return torch.where((torch.rand(200, 50, generator=gen) < 0.9)[..., None], atom, z)
+
+    x, y = sample(), sample()
+    z = torch.cat([x, y], dim=-2)
+    iu = torch.triu_indices(100, 100, offset=1)
+    exact_r2 = ((z[..., :, None, :] - z[..., None, :, :]) ** 2).sum(-1)  # [200, 100, 100], exact 0 for ties
+    degenerate = exact_r2[..., iu[0], iu[1]].median(-1).values == 0  # [200]
+    assert degenerate.sum() >= 190
+    res = mmd_permutation_test(x, y, median_rbf(x, y), n_permutations=200, generator=gen)
+    assert torch.isfinite(res.statistic).all() and torch.isfinite(res.null_samples).all()
+    rate = res.reject[degenerate].double().mean().item()
+    assert 0.01 <= rate <= 0.09, rate
+
+
+def _three_tests(x, kernel, slice_kernel=None, y=None):
+    """Run KSD, MMD (against ``y``) and maxSKSD (no optimisation) on ``x`` with the given kernels."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn_like(x) if y is None else y
+    return {
+        "ksd": lambda: ksd_test(x, lambda t: -t, kernel, n_bootstrap=50, generator=gen),
+        "mmd": lambda: mmd_permutation_test(x, y, kernel, n_permutations=50, generator=gen),
+        "sksd": lambda: sksd_test(x, lambda t: -t, slice_kernel or kernel, n_steps=0, n_bootstrap=50, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("test", ["ksd", "mmd", "sksd"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_samples_are_an_error(test, bad):
+    # Was: statistic NaN, p = 1/(B+1), reject=True.
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+    x[7, 1] = bad
+    x[12, 0] = bad
+    with pytest.raises(ValueError, match="2 of 40 rows of x are not finite"):
+        _three_tests(x, IMQ())[test]()
+
+
+def test_non_finite_second_sample_and_score_are_errors():
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(34), dtype=torch.float64)
+    y = x.clone()
+    y[3] = float("nan")
+    with pytest.raises(ValueError, match="1 of 30 rows of y are not finite"):
+        mmd_permutation_test(x, y, IMQ(), n_permutations=20)
+    score = -x.clone()
+    score[4, 0] = float("inf")  # e.g. a score network that overflowed
+    with pytest.raises(ValueError, match="1 of 30 rows of the score at x are not finite"):
+        ksd_test(x, score, IMQ(), n_bootstrap=20)
+    with pytest.raises(ValueError, match="1 of 30 rows of the score at x are not finite"):
+        sksd_test(x, score, IMQ(), n_steps=0, n_bootstrap=20)
+
+
+@pytest.mark.parametrize("test, name", [("ksd", "KSD\\^2"), ("mmd", "MMD\\^2"), ("sksd", "maxSKSD")])
+def test_nan_statistic_is_an_error_not_a_p_value(test, name):
+    # A zero RBF bandwidth (a tensor, which RBF does not validate, as a collapsed median heuristic would give)
+    # makes exp(-0/0) = NaN on the diagonal of every kernel matrix: the statistic is NaN. Was: p = 1/(B+1),
+    # reject=True.
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(35), dtype=torch.float64)
+    kernel = RBF(torch.tensor(0.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"the {name} statistic is not finite \\(nan\\).*bandwidth collapsed"):
+        _three_tests(x, kernel)[test]()
+
+
+def test_nan_statistic_in_one_batch_entry_is_an_error():
+    x = torch.randn(3, 30, 2, generator=torch.Generator().manual_seed(36), dtype=torch.float64)
+    kernel = RBF(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))  # entry 1 collapsed
+    with pytest.raises(ValueError, match="KSD\\^2 statistic is not finite \\(nan\\) in 1 of 3 batch entries"):
+        ksd_test(x, lambda t: -t, kernel, n_bootstrap=20)
+    with pytest.raises(ValueError, match="MMD\\^2 statistic is not finite \\(nan\\) in 1 of 3 batch entries"):
+        mmd_permutation_test(x, -x, kernel, n_permutations=20)
+
+
+def test_wild_bootstrap_rejects_a_non_finite_kernel_matrix():
+    h = torch.eye(5, dtype=torch.float64) + 1.0
+    h[1, 3] = h[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="the U statistic is not finite"):
+        wild_bootstrap(h, n_bootstrap=10, generator=torch.Generator().manual_seed(0))
+
+
+def test_sksd_test_with_a_constant_coordinate_names_the_collapsed_slice():
+    # A constant coordinate: the first slice's projections all coincide, so the per-slice median heuristic has no
+    # bandwidth. Was: NaN statistic and directions, p = 1/(B+1), reject=True.
+    x = torch.randn(60, 2, generator=torch.Generator().manual_seed(37), dtype=torch.float64)
+    x[:, 0] = 0.25
+    with pytest.raises(ValueError, match="slice kernel factory failed.*all 30 points coincide"):
+        sksd_test(x, lambda t: -t, median_rbf, n_steps=3, n_bootstrap=20)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,9 @@
 gradients of the Stein gradient estimators vs per-pair autograd loops."""
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +130,116 @@ def test_median_heuristic_gaussian_and_subsampling():
 
 
 # ---------------------------------------------------------------------------
+# Issue 10 item 9: the median heuristic when most points coincide
+# ---------------------------------------------------------------------------
+def coincident_sample(n, d, frac, dtype=torch.float64, seed=0):
+    """``n`` points of N(5, 9 I_d), of which ``int(frac * n)`` rows at random positions are one repeated point."""
+    g = torch.Generator().manual_seed(seed)
+    x = (3.0 * torch.randn(n, d, generator=g, dtype=torch.float64) + 5.0).to(dtype)
+    idx = torch.randperm(n, generator=g)[: int(frac * n)]
+    if len(idx):
+        x[idx] = x[idx[0]].clone()
+    return x
+
+
+def lower_median_sq_dists(z, nonzero):
+    """Reference: lower median of the exact pairwise ``r^2`` (``i < j``) of ``z [n, d]`` in float64 numpy,
+    over all pairs or over the pairs of distinct points only (``nonzero``)."""
+    z = z.double().numpy()
+    n = len(z)
+    iu = np.triu_indices(n, 1)
+    r2 = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)[iu]  # exact 0 for equal rows
+    if nonzero:
+        r2 = r2[r2 > 0]
+    return np.sort(r2)[(len(r2) - 1) // 2]
+
+
+# (dtype, d): float64 with d = 784 is a case where sq_dists returns ~1e-13, not 0, for equal rows on this
+# machine's BLAS (the round-off tolerance of median_heuristic at work); the others come out exactly 0.
+FALLBACK_CASES = [(torch.float32, 1), (torch.float32, 10), (torch.float64, 2), (torch.float64, 784)]
+
+
+@pytest.mark.parametrize("dtype, d", FALLBACK_CASES)
+def test_median_heuristic_falls_back_to_nonzero_median(dtype, d):
+    # 80% of 120 points are one point: 96 * 95 / 2 = 4560 of the 7140 pairs (64%) have r^2 = 0, so the plain
+    # median is 0 (and RBF(0) would be NaN); the fallback is the median over the 2580 pairs that differ.
+    x = coincident_sample(120, d, 0.8, dtype, seed=d)
+    assert lower_median_sq_dists(x, nonzero=False) == 0.0
+    want = math.sqrt(lower_median_sq_dists(x, nonzero=True) / 2.0)
+    h = median_heuristic(x)
+    assert h.dtype == dtype and h.ndim == 0
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert abs(h.item() - want) <= tol * want, (h.item(), want)
+    # Pooling x with y is the same as passing the concatenation.
+    assert torch.equal(median_heuristic(x[:50], x[50:]), h)
+
+
+def test_median_heuristic_no_fallback_when_fewer_than_half_the_pairs_coincide():
+    # 60% of 100 points coincide: 60 * 59 / 2 = 1770 of 4950 pairs (36%) are 0, so the ordinary median of all
+    # pairs, zeros included, is positive and is used unchanged (it is below the non-zero median).
+    x = coincident_sample(100, 2, 0.6)
+    plain = lower_median_sq_dists(x, nonzero=False)
+    assert 0.0 < plain < lower_median_sq_dists(x, nonzero=True)
+    assert abs(median_heuristic(x).item() - math.sqrt(plain / 2.0)) < 1e-12
+
+
+def test_median_heuristic_fallback_is_per_batch_entry_and_keeps_subsampling():
+    deg = coincident_sample(120, 3, 0.8, seed=1)
+    ok = coincident_sample(120, 3, 0.0, seed=2)
+    hb = median_heuristic(torch.stack([deg, ok, 2.0 * deg]))  # [3]
+    want = [
+        math.sqrt(lower_median_sq_dists(deg, nonzero=True) / 2.0),
+        math.sqrt(lower_median_sq_dists(ok, nonzero=False) / 2.0),
+        2.0 * math.sqrt(lower_median_sq_dists(deg, nonzero=True) / 2.0),
+    ]
+    torch.testing.assert_close(hb, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    # max_points: the same random subset as before (argsort of the generator's keys), fallback on that subset.
+    x = coincident_sample(400, 2, 0.85, seed=3)
+    h_sub = median_heuristic(x, max_points=150, generator=torch.Generator().manual_seed(4))
+    keys = torch.randint(0, 2**62, (400,), generator=torch.Generator().manual_seed(4))
+    sub = x[torch.argsort(keys)[:150]]
+    assert lower_median_sq_dists(sub, nonzero=False) == 0.0
+    assert abs(h_sub.item() - math.sqrt(lower_median_sq_dists(sub, nonzero=True) / 2.0)) < 1e-12
+
+
+def test_median_heuristic_treats_round_off_distances_as_coincident():
+    # Rows that differ by 1e-13 relative (r^2 ~ 1e-26 |x|^2, below what sq_dists resolves: ~eps |x|^2) count as
+    # one point: the bandwidth is the fallback of the exactly repeated sample, not sqrt(~1e-25).
+    x = coincident_sample(120, 5, 0.8, seed=5)
+    exact = median_heuristic(x)
+    mask = (x[:, None, :] == x[None, :, :]).all(-1).sum(-1) > 1  # [120] rows of the repeated point
+    rep = x[mask][0]
+    jitter = torch.randn(int(mask.sum()), 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x_jit = x.clone()
+    x_jit[mask] = rep + 1e-13 * rep.abs().max() * jitter
+    assert int(mask.sum()) == 96 and not bool((x_jit[mask] == rep).all())  # no longer bit-identical
+    torch.testing.assert_close(median_heuristic(x_jit), exact, rtol=1e-9, atol=0)
+
+
+def test_median_heuristic_raises_when_all_points_coincide():
+    with pytest.raises(ValueError, match="all 7 points coincide: no kernel bandwidth"):
+        median_heuristic(torch.full((7, 3), 2.5))
+    with pytest.raises(ValueError, match="all 5 points coincide"):
+        median_heuristic(torch.ones(2, 3), torch.ones(3, 3))  # pooled
+    # Batched: one degenerate entry fails the call and is named.
+    xb = torch.stack([torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(6, 2)])
+    with pytest.raises(ValueError, match=r"all 6 points coincide in 1 of 2 batch entries \(\(1,\)\)"):
+        median_heuristic(xb)
+    with pytest.raises(ValueError, match=r"all 3 subsampled \(max_points=3\) points coincide"):
+        median_heuristic(torch.ones(10, 2), max_points=3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="all 4 points coincide"):
+        imq_mixture(torch.ones(4, 2))
+
+
+def test_imq_mixture_uses_the_fallback_bandwidth():
+    # Was: ValueError "bandwidth is 0 (all points coincide)" although 20% of the points differ.
+    x = coincident_sample(120, 2, 0.8, seed=7)
+    h = math.sqrt(lower_median_sq_dists(x, nonzero=True) / 2.0)
+    k = imq_mixture(x, scales=(1.0, 3.0))
+    assert [c.c for c in k.kernels] == pytest.approx([h, 3.0 * h], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------
 # Issue 3: SumKernel, batched parameters, imq_mixture, grad_x_sum, DeepKernel
 # ---------------------------------------------------------------------------
 SUM = SumKernel([RBF(0.6), IMQ(1.5, -0.5), IMQ(0.4, -1.2)])
@@ -236,7 +348,7 @@ def test_imq_mixture_uses_scaled_median_bandwidth():
     assert len(kb.kernels) == 4 and kb.kernels[1].c.shape == (2,)
     for b in range(2):
         torch.testing.assert_close(kb(xb, xb)[b], imq_mixture(xb[b])(xb[b], xb[b]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="all 5 points coincide"):
         imq_mixture(torch.zeros(5, 2))
 
 
