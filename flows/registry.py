@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from tasks.config import ConfigError, load_config
 from tasks.pipelines import GenerativeConfig, ResampleConfig
-from tasks.runtime import RuntimeSettings, configure_threads, project_root
+from tasks.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,24 @@ class Pipeline:
         raise ConfigError("command line", "stage", f"pipeline {self.name!r} has no stage {name!r}; its stages: {known}")
 
     def load_config(self, root: Path, path: str | Path | None = None) -> BaseModel:
-        return load_config(Path(path) if path else root / self.config_file, self.config_model)
+        """The validated config; a section a stage of this pipeline reads must be present."""
+        path = Path(path) if path else root / self.config_file
+        cfg = load_config(path, self.config_model)
+        for st in self.stages:
+            if getattr(cfg, st.section, None) is None:
+                raise ConfigError(path, st.section, f"missing: the {st.name} stage reads this section")
+        return cfg
+
+    def validate_all(self, root: Path) -> None:
+        """Validate this pipeline's config and those of its upstream pipelines (``dvc repro`` of this pipeline
+        reruns their stages too): a bad config anywhere fails before DVC removes any stage's outputs."""
+        settings = load_settings()
+        spec: Pipeline | None = self
+        while spec is not None:
+            cfg = spec.load_config(root)
+            if getattr(cfg, "train", None) is not None:
+                check_batch_split(cfg.train, settings, spec.config_file)
+            spec = PIPELINES[spec.upstream] if spec.upstream else None
 
     def paths(self, root: Path) -> Paths:
         return Paths(root, self.name, self.upstream)
@@ -199,7 +216,7 @@ def load_stage(pipeline: str, config: str | Path | None, stage: str) -> StageCon
     st = spec.stage(stage)
     root = project_root()
     cfg = spec.load_config(root, config)
-    settings = RuntimeSettings()
+    settings = load_settings()
     configure_threads(settings.resolved_threads())
     return StageContext(spec, st, root, cfg, spec.paths(root), settings)
 

@@ -6,7 +6,8 @@ from prefect import flow
 
 from flows.registry import run_stage
 from tasks.tracking import tracking_uri
-from tasks.train import check_batch_split, train_model
+from tasks.runtime import check_batch_split
+from tasks.train import train_model
 
 
 @flow(name="train", log_prints=True)

@@ -8,6 +8,7 @@ CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,12 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class ConfigError(ValueError):
-    """A configuration or input problem the user must fix; the CLI exits with code 2."""
+    """A configuration or input problem the user must fix; the CLI exits with code 2.
+
+    It pickles by its three parts, so it crosses process boundaries (Ray tasks and Train workers) intact: the
+    driver re-raises the same error, message and exit code, and nothing retries it."""
 
     def __init__(self, path: str | Path, key: str | None, message: str):
-        self.path, self.key = str(path), key
+        self.path, self.key, self.message = str(path), key, message
         where = f"{path}: key '{key}'" if key else str(path)
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.key, self.message)
 
 
 class KeyedError(ValueError):
@@ -33,14 +40,24 @@ class KeyedError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A config section: unknown keys are errors, types are strict (``true`` is not an integer and ``"1e-3"`` is
+    not a number), numbers are finite, and every number has an upper bound (a test walks the sections)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+#: A coordinate of a mixture mean: finite and bounded, so that data drawn around it stay finite in float32.
+Coordinate = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+#: Seeds of numpy's and torch's generators: non-negative 32-bit integers.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 # --------------------------------------------------------------------------------------------- prepare
 
 
 class _PrepareBase(_Section):
-    seed: int = 0
+    seed: Seed = 0
 
 
 class MixturePrepare(_PrepareBase):
@@ -48,11 +65,12 @@ class MixturePrepare(_PrepareBase):
     from one seed; the mixture is recorded in the data's metadata so that later stages know the true score."""
 
     source: Literal["mixture"]
-    n_train: int = Field(20000, ge=2)
-    n_test: int = Field(4000, ge=4)
-    weights: list[float] = Field(default_factory=lambda: [0.8, 0.2], min_length=1)
-    means: list[list[float]] = Field(default_factory=lambda: [[-5.0, -5.0], [5.0, 5.0]], min_length=1)
-    std: float = Field(1.0, gt=0)
+    n_train: int = Field(20000, ge=2, le=100_000_000)
+    n_test: int = Field(4000, ge=4, le=100_000_000)
+    weights: list[Annotated[float, Field(le=1)]] = Field(default_factory=lambda: [0.8, 0.2], min_length=1, max_length=1024)
+    means: list[list[Coordinate]] = Field(default_factory=lambda: [[-5.0, -5.0], [5.0, 5.0]], min_length=1,
+                                          max_length=1024)
+    std: float = Field(1.0, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _check(self) -> MixturePrepare:
@@ -71,11 +89,11 @@ class RingPrepare(_PrepareBase):
     ring of 8 Gaussians of the GAN mode-collapse literature); recorded as a mixture like ``source: mixture``."""
 
     source: Literal["ring"]
-    n_train: int = Field(20000, ge=2)
-    n_test: int = Field(4000, ge=4)
+    n_train: int = Field(20000, ge=2, le=100_000_000)
+    n_test: int = Field(4000, ge=4, le=100_000_000)
     n_modes: int = Field(8, ge=2, le=64)
-    radius: float = Field(2.0, gt=0)
-    std: float = Field(0.1, gt=0)
+    radius: float = Field(2.0, gt=0, le=1e6)
+    std: float = Field(0.1, gt=0, le=1e6)
 
 
 class ImagePrepare(_PrepareBase):
@@ -85,7 +103,7 @@ class ImagePrepare(_PrepareBase):
     source: Literal["digits", "mnist", "cifar10"]
     path: str | None = Field(None, description="folder with the MNIST IDX files or CIFAR-10 batches")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share (digits has no official split)")
-    max_train: int | None = Field(None, ge=1, description="keep the first N training images (after shuffling)")
+    max_train: int | None = Field(None, ge=1, le=100_000_000, description="keep the first N training images (after shuffling)")
 
     @model_validator(mode="after")
     def _check(self) -> ImagePrepare:
@@ -106,17 +124,17 @@ class TrainBase(_Section):
     workers compute what one worker computes (``batch_size`` must then be a multiple of N)."""
 
     family: str
-    seed: int = 1
+    seed: Seed = 1
     lr: float = Field(1e-3, gt=0, le=10)
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine decay to 0 over n_steps, or a constant rate"
     )
     batch_size: int = Field(256, ge=2, le=1_000_000, description="the global batch (all workers together)")
     n_steps: int = Field(3000, ge=1, le=100_000_000)
-    log_every: int = Field(100, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(100, ge=1, le=100_000_000)
+    checkpoint_every: int = Field(1000, ge=1, le=100_000_000)
     heldout_every: int = Field(
-        0, ge=0, description="every this many steps (a multiple of log_every), rank 0 draws heldout_n samples and "
+        0, ge=0, le=100_000_000, description="every this many steps (a multiple of log_every), rank 0 draws heldout_n samples and "
         "logs their MMD² to the held-out split as train/mmd_heldout; 0 turns it off"
     )
     heldout_n: int = Field(500, ge=4, le=100_000, description="samples (and held-out points) of train/mmd_heldout")
@@ -132,7 +150,7 @@ class TrainBase(_Section):
 
 
 class _SampleBase(_Section):
-    seed: int = 2
+    seed: Seed = 2
     n_samples: int = Field(4000, ge=1, le=10_000_000)
     batch_size: int = Field(4096, ge=1, le=1_000_000, description="samples (chains) drawn together")
 
@@ -155,7 +173,7 @@ class LangevinSample(_SampleBase):
     only): the baseline that is blind to mixing proportions when modes are far apart (Wenliang & Kanagawa 2021)."""
 
     sampler: Literal["langevin"]
-    seed: int = 4
+    seed: Seed = 4
     step_size: float = Field(2e-3, gt=0, le=10, description="α of x ← x + α s(x) + √(2α) z")
     n_steps: int = Field(1000, ge=1, le=10_000_000)
     init_std: float | None = Field(None, gt=0, le=1e6, description="x_0 ~ N(0, init_std² I); default σ_1 of the model")
@@ -177,10 +195,10 @@ class ClassifierTrain(_Section):
     """The offline feature extractor for FID/KID/IS: a LeNet trained inside the pipeline on the real training
     split; the stage fails unless it reaches ``min_accuracy`` on the held-out split."""
 
-    seed: int = 0
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-3, gt=0)
+    seed: Seed = 0
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    lr: float = Field(5e-3, gt=0, le=10)
     min_accuracy: float = Field(0.9, ge=0, le=1)
 
 
@@ -214,7 +232,7 @@ class CheckpointEvaluate(_Section):
     result is a metric-vs-step plot, a CSV for ``dvc plots``, and MLflow metric histories."""
 
     metrics: list[Metric] = Field(default_factory=lambda: ["mmd"], min_length=1)
-    n_samples: int = Field(500, ge=4, description="samples drawn from each checkpoint")
+    n_samples: int = Field(500, ge=4, le=1_000_000, description="samples drawn from each checkpoint")
     sampler: str = Field("sample", description="the config section with the sampler settings")
 
     @model_validator(mode="after")
@@ -231,26 +249,26 @@ class Evaluate(_Section):
     that memorised its training set reaches; the whole test split is the comparison set). With several sample
     sets, keys get the set's name as suffix (``weight_annealed``)."""
 
-    seed: int = 3
+    seed: Seed = 3
     sample_sets: list[str] = Field(default_factory=lambda: ["samples"], min_length=1)
     metrics: list[Metric] = Field(default_factory=lambda: ["mmd"], min_length=1)
     plots: list[Plot] = Field(default_factory=lambda: ["samples"])
     reference: Literal["test_half", "train"] = "test_half"
-    n_eval: int = Field(2000, ge=4, description="points per set for the kernel statistics (KSD, MMD)")
-    n_bootstrap: int = Field(200, ge=10, description="wild-bootstrap draws (KSD test) and permutations (MMD test)")
+    n_eval: int = Field(2000, ge=4, le=1_000_000, description="points per set for the kernel statistics (KSD, MMD)")
+    n_bootstrap: int = Field(200, ge=10, le=1_000_000, description="wild-bootstrap draws (KSD test) and permutations (MMD test)")
     kernel: Literal["imq", "rbf"] = Field("imq", description="kernel of KSD and MMD")
-    imq_c: float = Field(1.0, gt=0)
-    imq_beta: float = Field(-0.5, lt=0)
-    rbf_bandwidth: float | Literal["median"] = "median"
+    imq_c: float = Field(1.0, gt=0, le=1e6)
+    imq_beta: float = Field(-0.5, lt=0, ge=-100)
+    rbf_bandwidth: Annotated[float, Field(gt=0, le=1e6)] | Literal["median"] = "median"
     features: Literal["classifier", "inception", "raw"] = Field(
         "classifier",
         description="features of fid/kid/inception_score/precision_recall: the classifier the pipeline trained, "
         "the FID Inception-v3 (weights from inception_weights or $STEIN_INCEPTION_WEIGHTS), or the raw vectors",
     )
     inception_weights: str | None = Field(None, description="local path of pt_inception-2015-12-05-6726825d.pth")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subsets (capped by the sample sizes)")
-    kid_subsets: int = Field(50, ge=1)
-    pr_k: int = Field(3, ge=1, description="k of the k-NN radii of improved precision/recall")
+    kid_subset_size: int = Field(1000, ge=2, le=1_000_000, description="KID subsets (capped by the sample sizes)")
+    kid_subsets: int = Field(50, ge=1, le=100_000)
+    pr_k: int = Field(3, ge=1, le=10_000, description="k of the k-NN radii of improved precision/recall")
     grid: int = Field(10, ge=1, le=32, description="image sample grids are grid x grid")
     checkpoints: CheckpointEvaluate | None = Field(None, description="also evaluate every training checkpoint")
 
@@ -280,16 +298,47 @@ def _format_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) if parts else None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with two changes: a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently), and ``1e-3`` is a float as in YAML 1.2 and DVC's parser (PyYAML's YAML 1.1 rule wants a dot and
+    reads ``1e-3`` as the string "1e-3", which strict types would then refuse)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping: UTF-8 text, valid YAML without duplicate keys, a mapping at the top with at
+    least one key (an empty or comments-only file is an error, not a config of defaults)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(path, None, f"not valid YAML: {exc}") from exc
+        raise ConfigError(path, None, f"not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
-        data = {}
+        raise ConfigError(path, None, "empty (no stage sections; see conf/ for examples)")
     if not isinstance(data, dict):
         raise ConfigError(path, None, f"expected a mapping of stage sections, got {type(data).__name__}")
     return data

@@ -65,12 +65,12 @@ class RuntimeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STEIN_", env_file="runtime.env", extra="ignore")
 
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes) for training stages.")
+    num_workers: int = Field(1, ge=1, le=100_000, description="Ray Train workers (DDP processes) for training stages.")
     use_gpu: bool | None = Field(
         None, description="Train on GPUs; unset means: use them when CUDA is available."
     )
     threads: int | None = Field(
-        None, ge=1, description="torch/BLAS threads per process; unset means: cores / workers."
+        None, ge=1, le=4096, description="torch/BLAS threads per process; unset means: cores / workers."
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join (also read from RAY_ADDRESS); unset starts a local Ray."
@@ -96,6 +96,29 @@ class RuntimeSettings(BaseSettings):
             return self.threads
         cores = os.cpu_count() or 1
         return max(1, cores // self.num_workers)
+
+
+def load_settings() -> RuntimeSettings:
+    """The runtime settings; a bad ``STEIN_*`` value is a ConfigError naming the variable (exit 2)."""
+    from pydantic import ValidationError
+
+    from tasks.config import ConfigError
+
+    try:
+        return RuntimeSettings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = f"STEIN_{'_'.join(map(str, err['loc'])).upper()}"
+        raise ConfigError("environment or runtime.env", name, f"{err['msg']} (got {err.get('input')!r})") from None
+
+
+def check_batch_split(cfg, settings: RuntimeSettings, config_file: str = "the train section") -> None:
+    """Every worker takes an equal slice of the global batch: fail before Ray starts if it does not split."""
+    if cfg.batch_size % settings.num_workers:
+        from tasks.config import ConfigError
+
+        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
+                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
 
 
 def configure_threads(threads: int) -> None:

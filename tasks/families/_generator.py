@@ -36,15 +36,14 @@ class ConvGeneratorNet(_Section):
 class GeneratorKernel(_Section):
     """k = Σ_s IMQ(c = s·h, β) with h the median-heuristic bandwidth of the pooled batch (or a fixed ``bandwidth``)."""
 
-    scales: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1, max_length=32)
+    scales: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
+                                                             min_length=1, max_length=32)
     beta: float = Field(-0.5, lt=0, ge=-10)
-    bandwidth: float | Literal["median"] = "median"
+    bandwidth: Annotated[float, Field(gt=0, le=1e6)] | Literal["median"] = "median"
 
     def make(self):
         from stein_core import get_kernel_fn
 
-        if any(s <= 0 for s in self.scales):
-            raise ValueError(f"kernel scales must be > 0, got {self.scales}")
         return get_kernel_fn(scales=tuple(self.scales), beta=self.beta, bandwidth=self.bandwidth)
 
 

@@ -37,7 +37,7 @@ class NCSNTrain(TrainBase):
 
     family: Literal["ncsn"]
     sigma_max: float = Field(20.0, gt=0, le=1e6, description="σ_1, the largest noise level")
-    sigma_min: float = Field(0.1, gt=0, description="σ_L, the smallest noise level")
+    sigma_min: float = Field(0.1, gt=0, le=1e6, description="σ_L, the smallest noise level")
     n_sigmas: int = Field(10, ge=1, le=10_000)
     embed_dim: int = Field(32, ge=2, le=4096)
     net: Annotated[MLPScoreNet | ConvScoreNet, Field(discriminator="kind")] = MLPScoreNet(kind="mlp")
