@@ -52,8 +52,14 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
 
 
 def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
+    """Write ``obj`` as JSON. A non-finite number is an error naming its key: JSON has no NaN, and a metrics file
+    must never carry one (``json.dumps`` would write a bare ``NaN`` that strict readers reject)."""
+    bad = [k for k, v in obj.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"refusing to write {path}: non-finite value for {', '.join(map(repr, bad))} "
+                         f"({', '.join(f'{k}={obj[k]}' for k in bad)})")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -87,6 +93,10 @@ def write_dataset(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"x must be [n, d], got shape {x.shape}")
+    bad = nonfinite_rows(x)
+    if bad.size:
+        raise ValueError(f"refusing to write {path}: {bad.size} of {len(x)} rows hold non-finite values "
+                         f"(NaN or inf, in float32), the first at row {bad[0]}")
     n, d = x.shape
     shape = tuple(shape) if shape is not None else (d,)
     if int(np.prod(shape)) != d:
@@ -101,6 +111,11 @@ def write_dataset(
     table = pa.table(columns).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``x`` ``[n, d]`` holding a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(x).all(axis=1))
 
 
 class Dataset:
@@ -134,8 +149,18 @@ def read_dataset(path: str | Path) -> Dataset:
     col = table.column("x").combine_chunks()
     if not pa.types.is_fixed_size_list(col.type):
         raise ConfigError(path, "x", f"expected a fixed-size list of floats, got {col.type}")
+    if col.null_count:
+        raise ConfigError(path, "x", f"{col.null_count} of {len(col)} rows are null")
     d = col.type.list_size
+    if d < 1 or len(col) == 0:
+        raise ConfigError(path, "x", f"no data: {len(col)} rows of dimension {d}")
+    if not (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
+        raise ConfigError(path, "x", f"expected a fixed-size list of floats, got {col.type}")
     x = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)  # writable copy
+    bad = nonfinite_rows(x)
+    if bad.size:
+        raise ConfigError(path, "x", f"{bad.size} of {len(x)} rows hold non-finite values (NaN or inf), the first "
+                          f"at row {bad[0]}: clean the data or rerun the stage that wrote it")
     label = np.array(table.column("label").to_numpy()) if "label" in table.column_names else None  # writable copy
     raw = table.schema.metadata or {}
     metadata: dict[str, Any] = {}
@@ -147,6 +172,11 @@ def read_dataset(path: str | Path) -> Dataset:
             metadata[key] = json.loads(v.decode())
         except json.JSONDecodeError:
             metadata[key] = v.decode()
+    shape = metadata.get("shape", [d])
+    if not (isinstance(shape, list) and all(isinstance(v, int) and v > 0 for v in shape) and int(np.prod(shape)) == d):
+        raise ConfigError(path, "shape", f"schema metadata shape {shape!r} does not describe rows of {d} values")
+    if label is not None and (label.ndim != 1 or not np.issubdtype(label.dtype, np.integer)):
+        raise ConfigError(path, "label", f"expected integer class labels, got {table.column('label').type}")
     return Dataset(x, label, metadata)
 
 
@@ -179,4 +209,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ConfigError(path, None, f"not a readable checkpoint: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line; torch adds paragraphs
+        raise ConfigError(path, None, f"not a readable checkpoint: {first}") from exc

@@ -22,19 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from tasks.cluster import init_ray
 from tasks.families import FAMILIES, model_payload
 from tasks.io import atomic_path, save_torch
-from tasks.runtime import RuntimeSettings, project_root, state_dir
-from tasks.training import STATE_FILE, TrainingDiverged, train_loop_per_worker
+from tasks.runtime import RuntimeSettings, check_batch_split, project_root, state_dir
+from tasks.training import STATE_FILE, TrainingDiverged, fatal_error, train_loop_per_worker
 
 log = logging.getLogger("stein")
-
-
-def check_batch_split(cfg, settings: RuntimeSettings, config_file: str = "the train section") -> None:
-    """Every worker takes an equal slice of the global batch: fail before Ray starts if it does not split."""
-    if cfg.batch_size % settings.num_workers:
-        from tasks.config import ConfigError
-
-        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
-                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
 
 
 def checkpoint_name(step: int) -> str:
@@ -113,10 +104,13 @@ def train_model(
     finally:
         if started:
             ray.shutdown()
-    diverged = (result.metrics or {}).get("diverged")
-    if diverged:
-        kept = f"; Ray kept its checkpoints under {result.path}" if result.checkpoint is not None else ""
-        raise TrainingDiverged(f"{diverged}{kept}")
+    fatal = fatal_error(result.metrics)
+    if isinstance(fatal, TrainingDiverged):
+        raise TrainingDiverged(f"{fatal}; Ray kept its checkpoints under {result.path}")
+    if fatal is not None:
+        if result.path and Path(result.path).is_dir():
+            shutil.rmtree(result.path, ignore_errors=True)  # nothing to resume: the input was bad
+        raise fatal
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     # Every checkpoint Ray kept (all of them: num_to_keep=None) becomes a model checkpoint, so that the evaluate

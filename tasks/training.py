@@ -14,6 +14,7 @@ only random state is the step number.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tempfile
 import time
@@ -22,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.config import ConfigError
 from tasks.families import FAMILIES, Family, StepContext, TrainState
 
 STATE_FILE = "state.pt"
+#: The file of a marker checkpoint, and the metric key, by which a worker reports an error no retry can mend.
+FATAL = "FATAL"
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,7 +222,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train (DDP) worker around :func:`fit`. ``config``: family, train (the section as a dict),
     data_path, heldout_path, threads, mlflow run_id/uri. Rank 0 prints progress and logs every metric into the
     driver's MLflow run against the step; every rank reports checkpoints (a restarted worker group resumes from
-    the last one). Divergence is reported, not raised: a retry from the last checkpoint would diverge again."""
+    the last one). An error that no retry can mend (divergence: a retry from the last checkpoint diverges again;
+    a ConfigError: bad input data) is reported, not raised, and :func:`fatal_error` turns it back into the error
+    on the driver."""
     import ray.train
     import ray.train.torch
     import torch
@@ -237,13 +243,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:  # resuming after a worker-group failure
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-
-    dataset = read_dataset(config["data_path"])
-    data = torch.from_numpy(dataset.x).to(device)
-    heldout = None
-    if rank == 0 and cfg.heldout_every and config.get("heldout_path"):
-        held = read_dataset(config["heldout_path"]).x[: cfg.heldout_n]
-        heldout = torch.from_numpy(held).to(device)
 
     client = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -273,14 +272,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     try:
-        fit(family, cfg, data, dataset.shape, device=device, rank=rank, world=world,
-            wrap=ray.train.torch.prepare_model, resume=resume, heldout=heldout, hooks=Hooks(on_log, on_checkpoint))
-    except TrainingDiverged as exc:
-        # Train V2 hands the driver only the metrics of the latest *checkpoint*: the verdict travels as one (a
-        # marker, no state), and the checkpoints before it stay the last good ones.
+        dataset = read_dataset(config["data_path"])
+        heldout = None
+        if rank == 0 and cfg.heldout_every and config.get("heldout_path"):
+            heldout = torch.from_numpy(read_dataset(config["heldout_path"]).x[: cfg.heldout_n]).to(device)
+        fit(family, cfg, torch.from_numpy(dataset.x).to(device), dataset.shape, device=device, rank=rank,
+            world=world, wrap=ray.train.torch.prepare_model, resume=resume, heldout=heldout,
+            hooks=Hooks(on_log, on_checkpoint))
+    except (TrainingDiverged, ConfigError) as exc:
+        # Train V2 hands the driver only the metrics of the latest *checkpoint*, and retries a raised error: the
+        # verdict travels as a marker checkpoint (no state), and the checkpoints before it stay the last good ones.
+        verdict = {FATAL: type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, ConfigError):
+            verdict |= {"path": exc.path, "key": exc.key or "", "message": exc.message}
         if rank != 0:
-            ray.train.report({"diverged": str(exc)})
+            ray.train.report(verdict)
             return
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "DIVERGED").write_text(str(exc) + "\n")
-            ray.train.report({"diverged": str(exc)}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            (Path(d) / FATAL).write_text(json.dumps(verdict) + "\n")
+            ray.train.report(verdict, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def fatal_error(metrics: dict[str, Any] | None) -> Exception | None:
+    """The error a worker reported through :func:`train_loop_per_worker`'s marker checkpoint, rebuilt, or None."""
+    metrics = metrics or {}
+    kind = metrics.get(FATAL)
+    if kind == "ConfigError":
+        return ConfigError(metrics["path"], metrics["key"] or None, metrics["message"])
+    if kind == "TrainingDiverged":
+        return TrainingDiverged(metrics["message"])
+    return None

@@ -150,8 +150,8 @@ def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
 
 @pytest.mark.slow
 def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoint(project, data):
-    """Through Ray Train: a NaN row in the training data poisons the loss at the first step whose minibatch
-    draws it (found by replaying the (seed, step) generator); the stage raises with that step and the place of the
+    """Through Ray Train: a huge (finite) row in the training data overflows the loss at the first step whose
+    minibatch draws it (found by replaying the (seed, step) generator); the stage raises with that step and the place of the
     checkpoints Ray kept, no model is written, and the last kept checkpoint is from before the bad step. The run
     is not retried: a retry from the checkpoint would diverge at the same step."""
     from tasks.io import write_dataset
@@ -161,7 +161,7 @@ def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoin
 
     cfg = _cfg("ncsn", n_steps=200, batch_size=16, checkpoint_every=5, log_every=5)
     x = data.clone()
-    x[7] = float("nan")
+    x[7] = 1e30  # finite in float32 (so the data are valid input); its square is not
     bad = next(t for t in range(cfg.n_steps)
                if 7 in torch.randint(len(x), (cfg.batch_size,), generator=step_generator(cfg.seed, t, "cpu")).tolist()) + 1
     assert bad > 5, "the NaN row must be drawn after the first checkpoint for this test to mean something"
@@ -173,10 +173,40 @@ def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoin
             mlflow_tracking_uri=None, settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1),
         )
     msg = str(info.value)
-    assert f"training diverged at step {bad}: non-finite dsm_loss = nan" in msg, msg
+    assert f"training diverged at step {bad}: non-finite dsm_loss = " in msg, msg
     assert f"the last good checkpoint is step {(bad - 1) // 5 * 5}" in msg, msg
     assert not (project / "model.pt").exists() and not (project / "checkpoints").exists()
     kept = sorted(Path(msg.rsplit("under ", 1)[1]).glob(f"checkpoint_*/{STATE_FILE}"))
     assert kept, msg
     steps = sorted(torch.load(p, weights_only=True)["step"] for p in kept)
     assert steps[-1] == (bad - 1) // 5 * 5 < bad
+
+
+@pytest.mark.slow
+def test_bad_data_inside_a_ray_worker_arrives_as_the_config_error_and_is_not_retried(project, data):
+    """A NaN row that was not written by this project (pyarrow directly) is found where the data are read: inside
+    the Ray Train worker. The driver gets the same ConfigError (file, key, row count), not Train's wrapped
+    ``TrainingFailedError``; the worker reports it instead of raising, so Train does not retry it, and Ray's run
+    folder (nothing in it is worth resuming) is removed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.config import ConfigError
+    from tasks.runtime import RuntimeSettings
+    from tasks.train import train_model
+
+    x = data.numpy().copy()
+    x[[3, 11]] = np.nan
+    path = project / "train.parquet"
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 2)}), path)
+    with pytest.raises(ConfigError) as info:
+        train_model.fn(
+            _cfg("ncsn", n_steps=10), data_path=path, heldout_path=None, model_path=project / "model.pt",
+            curves_dir=project / "plots", pipeline="test", checkpoints_dir=None, mlflow_run_id=None,
+            mlflow_tracking_uri=None, settings=RuntimeSettings(num_workers=1, use_gpu=False, threads=1),
+        )
+    err = info.value
+    assert type(err) is ConfigError and err.path == str(path) and err.key == "x", err
+    assert f"2 of {len(x)} rows hold non-finite values (NaN or inf), the first at row 3" in str(err), err
+    assert not (project / "model.pt").exists()
+    assert not any((project / ".stein" / "ray_results").glob("test-train-*")), "Ray's run folder was left behind"
