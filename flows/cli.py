@@ -32,10 +32,12 @@ def _setup() -> Path:
     return project_root()
 
 
-def _validate(pipeline: str, root: Path, config: str | None = None):
+def _validate(pipeline: str, root: Path, config: str | None = None, *, upstream: bool = False):
     from flows.registry import get_pipeline
 
     spec = get_pipeline(pipeline)
+    if upstream:
+        spec.validate_all(root)
     return spec, spec.load_config(root, config)
 
 
@@ -78,7 +80,7 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
         return
     root = _setup()
     try:
-        spec, _ = _validate(pipeline, root)
+        spec, _ = _validate(pipeline, root, upstream=True)
     except ConfigError as exc:
         _fail(exc)
     from flows.local import ProjectBusy, exit_on_termination, project_lock
@@ -108,12 +110,17 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool) -> None:
 
         from prefect.logging.handlers import APILogWorker
 
+        from flows.local import StageFailed
+
         try:
             metrics = reproduce_flow(pipeline=pipeline, force=force)
         except ConfigError as exc:
             _fail(exc)
+        except StageFailed as exc:  # the failing stage's own error, as its last line
+            click.echo(f"error: pipeline {pipeline!r} failed in {exc}", err=True)
+            sys.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - reported, not swallowed: exit 1
-            click.echo(f"error: pipeline {pipeline!r} failed: {exc}", err=True)
+            click.echo(f"error: pipeline {pipeline!r} failed: {type(exc).__name__}: {exc}", err=True)
             sys.exit(1)
         finally:
             APILogWorker.drain_all(timeout=5)  # ship the flow's last log lines while the server is still up
@@ -178,12 +185,20 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
     runs unconditionally; to rerun it only when its inputs changed use `dvc repro <pipeline>-<stage>`.
     """
     root = _setup()
+    from flows.local import die_with_parent, record_stage_error
+
+    die_with_parent()  # started by DVC: when DVC dies (stein run stopped or killed), this stage dies with it
+    name = f"{pipeline}-{stage}"
     try:
         spec, _ = _validate(pipeline, root, config)
         flow = spec.stage(stage).load_flow()
         flow(pipeline=pipeline, config=config, stage=stage)
     except ConfigError as exc:
+        record_stage_error(name, exc, EXIT_USAGE)
         _fail(exc)
+    except Exception as exc:
+        record_stage_error(name, exc, 1)
+        raise
 
 
 @main.command()

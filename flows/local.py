@@ -35,10 +35,79 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def dvc(*args: str, root: Path, env: dict[str, str] | None = None, capture: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env or tool_env(), text=True,
-        capture_output=capture, check=False,
-    )
+    """Run DVC, capturing its output or not. Either way it runs in its own process group, which is stopped
+    whatever way this call ends (an exception, Ctrl-C, SIGTERM turned into SystemExit), and which the kernel
+    signals when this process dies: no stage command, nor the Ray it started, outlives ``stein``.
+    Without ``capture`` the output streams to ours as it comes, and the result's ``stderr`` holds the last 8 KiB
+    of it (where DVC's ERROR line is)."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    proc = subprocess.Popen(cmd, cwd=root, env=env or tool_env(), stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        if capture:
+            out, err = proc.communicate()
+        else:
+            out, err = None, _tee(proc.stderr, sys.stderr)
+            proc.wait()
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    decode = lambda b: b.decode(errors="replace") if b is not None else None  # noqa: E731
+    return subprocess.CompletedProcess(cmd, proc.returncode, decode(out), decode(err))
+
+
+def _tee(src, dst, keep: int = 8192) -> bytes:
+    """Copy ``src`` to ``dst`` chunk by chunk as it arrives (progress bars redraw with ``\\r``, not lines) until
+    EOF; return the last ``keep`` bytes."""
+    tail = b""
+    out = getattr(dst, "buffer", None)
+    while chunk := os.read(src.fileno(), 65536):
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            dst.write(chunk.decode(errors="replace"))
+        tail = (tail + chunk)[-keep:]
+    return tail
+
+
+#: The environment variable naming the file where a failing ``stein stage`` records its error for ``stein run``.
+STAGE_ERROR_ENV = "STEIN_STAGE_ERROR_FILE"
+
+
+class StageFailed(RuntimeError):
+    """A stage run by ``dvc repro`` failed; the message is the stage's own error, ``exit_code`` its exit code (2
+    for bad input)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.exit_code)
+
+
+def record_stage_error(stage: str, exc: BaseException, exit_code: int) -> None:
+    """In a stage command run under ``stein run``: write the error's first line for the driver (a no-op
+    otherwise). The full traceback, if any, stays in the stage's output above."""
+    path = os.environ.get(STAGE_ERROR_ENV)
+    if not path:
+        return
+    lines = str(exc).strip().splitlines() or [""]
+    message = lines[0][:2000] + (" [...]" if len(lines) > 1 else "")
+    if exit_code != 2:
+        message = f"{type(exc).__name__}: {message}"
+    with open(path, "w") as f:
+        json.dump({"stage": stage, "exit_code": exit_code, "message": message}, f)
+
+
+def read_stage_error(path: Path) -> StageFailed | None:
+    """The error a stage recorded with :func:`record_stage_error`, or None."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return StageFailed(f"stage {rec['stage']}: {rec['message']}", int(rec["exit_code"]))
 
 
 def stale_stages(pipeline: str, root: Path) -> list[str] | None:
@@ -114,7 +183,7 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
         # log lines), and it dies with us even when we are killed: PR_SET_PDEATHSIG on Linux
         proc = subprocess.Popen(
             [str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
     try:
         deadline = time.monotonic() + timeout
@@ -137,7 +206,7 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
         stop_process_group(proc)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In a child before exec: ask the kernel to send it SIGTERM when its parent dies (Linux; elsewhere a no-op)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

@@ -9,13 +9,14 @@ deployment that schedules this flow reproduces the pipeline on a cluster with ex
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.local import dvc, tool_env
+from flows.local import STAGE_ERROR_ENV, StageFailed, dvc, read_stage_error, tool_env
 from flows.registry import get_pipeline
 from tasks.runtime import project_root
 from tasks.tracking import PARENT_ENV, base_tags, experiment_id, setup_mlflow
@@ -23,10 +24,19 @@ from tasks.tracking import PARENT_ENV, base_tags, experiment_id, setup_mlflow
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def dvc_repro(targets: list[str], *, root: Path, parent_run_id: str, force: bool = False) -> None:
+    """``dvc repro`` of ``targets``. A failing stage records its error (:func:`flows.local.record_stage_error`),
+    and that error, not DVC's generic exit status, is what this raises: the stage's own message and exit code."""
     args = ["repro", *(["--force"] if force else []), *targets]
-    proc = dvc(*args, root=root, env=tool_env({PARENT_ENV: parent_run_id}))
-    if proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed with exit code {proc.returncode} (see its output above)")
+    with tempfile.TemporaryDirectory(prefix="stein-repro-") as d:
+        errfile = Path(d) / "stage-error.json"
+        proc = dvc(*args, root=root, env=tool_env({PARENT_ENV: parent_run_id, STAGE_ERROR_ENV: str(errfile)}))
+        if proc.returncode != 0:
+            stage_error = read_stage_error(errfile)
+            if stage_error is not None:
+                raise stage_error
+            errors = [ln for ln in (proc.stderr or "").splitlines() if ln.startswith("ERROR")]
+            cause = errors[-1] if errors else f"exit code {proc.returncode}"
+            raise StageFailed(f"`dvc {' '.join(args)}`: {cause}")
 
 
 @flow(name="reproduce-pipeline", log_prints=True)

@@ -1,0 +1,318 @@
+"""Bad input through the real command line, in a copy of the project whose outputs exist: every case exits 2 with
+one line naming the file and the key (or column), and no output changes (MD5 of every file under data/, models/,
+samples/, metrics/, plots/ and dvc.lock, before and after).
+
+Config cases go through ``stein run`` (validation of every config the pipeline reproduces happens before DVC
+removes any output); data cases through ``stein stage`` (the stage reads the file; for train, inside a Ray Train
+worker). The table of these cases is in bench/RESULTS.md §7.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUTS = ("data", "models", "samples", "metrics", "plots", "dvc.lock")
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@localhost"}
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEIN_", "MLFLOW_TRACKING", "RAY_ADDRESS"))}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env | {"STEIN_THREADS": "1"} | extra
+
+
+def stein(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=_env(**env), capture_output=True,
+                          text=True, timeout=300)
+
+
+def snapshot(repo: Path) -> dict[str, str]:
+    files = {}
+    for top in OUTPUTS:
+        p = repo / top
+        for f in ([p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else []):
+            if f.is_file():
+                files[str(f.relative_to(repo))] = hashlib.md5(f.read_bytes()).hexdigest()
+    return files
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The project's tracked files, a git repository, and small but real gmm2d outputs: data from the prepare
+    stage, a seeded untrained score network as the model, samples, a metrics file."""
+    import torch
+
+    from flows.registry import PIPELINES
+    from stein_core import NoiseConditionalMLP
+    from tasks.families import module_checkpoint
+    from tasks.prepare import prepare_mixture
+    from tasks.io import save_torch, write_dataset, write_json
+
+    dst = tmp_path_factory.mktemp("bad-inputs") / "repo"
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    for stale in ("dvc.lock", "metrics"):
+        p = dst / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    conf = dst / "conf" / "gmm2d.yaml"
+    raw = yaml.safe_load(conf.read_text())
+    raw["prepare"].update(n_train=400, n_test=200)
+    raw["evaluate"].update(n_eval=100, n_bootstrap=20, checkpoints=None, plots=["samples"])
+    conf.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _git(dst, "init", "-q")
+    _git(dst, "add", "-A")
+    _git(dst, "commit", "-q", "-m", "copy")
+    cfg = PIPELINES["gmm2d"].load_config(dst)
+    prepare_mixture.fn(cfg.prepare, dst / "data/gmm2d/train.parquet", dst / "data/gmm2d/test.parquet")
+    torch.manual_seed(0)
+    net = NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)
+    save_torch(dst / "models/gmm2d/model.pt", module_checkpoint("ncsn", {"score": net}, shape=[2], sigmas=[3.0, 1.0]))
+    write_dataset(dst / "samples/gmm2d/samples.parquet", np.random.default_rng(0).normal(size=(300, 2)) * 5)
+    write_json(dst / "metrics/gmm2d.json", {"mmd": 0.1})
+    (dst / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    return dst
+
+
+def _dump(raw) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _edit(section: str, **values):
+    def apply(raw):
+        raw[section].update(values)
+        return _dump(raw)
+    return apply
+
+
+def _drop(section: str):
+    def apply(raw):
+        del raw[section]
+        return _dump(raw)
+    return apply
+
+
+def _literal(section: str, key: str, text: str):
+    """Set ``section.key`` to the YAML text ``text`` as written (``.inf``, ``1e3``)."""
+    def apply(raw):
+        raw[section][key] = "@@"
+        return _dump(raw).replace("'@@'", text)
+    return apply
+
+
+def _text(fn):
+    """A case given as a function of the file's text."""
+    fn.text = True
+    return fn
+
+
+#: (case id, change of conf/gmm2d.yaml (a function of the parsed file returning the new text, or of the text),
+#:  what stderr must contain besides the file name)
+CONFIG_CASES = [
+    ("empty file", _text(lambda t: ""), "empty"),
+    ("comments only", _text(lambda t: "# nothing here\n\n# at all\n"), "empty"),
+    ("a list at the top", _text(lambda t: "- prepare\n- train\n"), "expected a mapping"),
+    ("not YAML", _text(lambda t: t + "\ntrain: [unclosed\n"), "not valid YAML"),
+    ("not UTF-8", _text(lambda t: t.encode("latin-1", "replace") + b"\n# caf\xe9\n"), "not UTF-8"),
+    ("duplicate key", _text(lambda t: t.replace("\ntrain:\n", "\ntrain:\n  lr: 0.5\n", 1)), "'lr' given twice"),
+    ("duplicate section", _text(lambda t: t + "\nsample:\n  sampler: annealed_langevin\n"), "'sample' given twice"),
+    ("missing section", _drop("evaluate"), "key 'evaluate'"),
+    ("unknown key", _edit("train", lrr=0.1), "key 'train.lrr': unknown key"),
+    ("true for an integer", _edit("train", n_steps=True), "key 'train.n_steps'"),
+    ("float for an integer", _edit("train", batch_size=128.0), "key 'train.batch_size'"),
+    ("1e3 for an integer", _literal("sample", "n_samples", "1e3"), "key 'sample.n_samples'"),
+    ("quoted number", _edit("train", lr="1.0e-3"), "key 'train.lr'"),
+    ("string for a float", _edit("sample", eps="small"), "key 'sample.eps'"),
+    ("inf", _literal("prepare", "std", ".inf"), "key 'prepare.std'"),
+    ("nan", _literal("sample", "eps", ".nan"), "key 'sample.eps'"),
+    ("negative step size", _edit("sample", eps=-1.0), "key 'sample.eps'"),
+    ("huge sample count", _edit("sample", n_samples=10**11), "key 'sample.n_samples'"),
+    ("huge mean", _edit("prepare", means=[[1e300, 0.0], [5.0, 5.0]]), "key 'prepare.means.0.0'"),
+    ("negative seed", _edit("prepare", seed=-1), "key 'prepare.seed'"),
+    ("weights not summing to 1", _edit("prepare", weights=[0.5, 0.2]), "sum to 1"),
+    ("unknown family", _edit("train", family="gan"), "key 'train.family'"),
+    ("unknown sampler", _edit("sample", sampler="hmc"), "key 'sample.sampler'"),
+    ("unknown metric", _edit("evaluate", metrics=["mmd", "fidd"]), "key 'evaluate.metrics.1'"),
+    ("sigma_min above sigma_max", _edit("train", sigma_min=30.0), "sigma"),
+    ("null section", lambda raw: _dump({**raw, "train": None}), "key 'train'"),
+]
+
+
+def _apply(case, text: str):
+    return case(text) if getattr(case, "text", False) else case(yaml.safe_load(text))
+
+
+@pytest.mark.parametrize("name,change,fragment", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_a_bad_config_exits_2_naming_file_and_key_and_touches_nothing(repo, name, change, fragment):
+    conf = repo / "conf" / "gmm2d.yaml"
+    original = conf.read_bytes()
+    before = snapshot(repo)
+    new = _apply(change, original.decode())
+    assert (new if isinstance(new, bytes) else new.encode()) != original
+    try:
+        conf.write_bytes(new if isinstance(new, bytes) else new.encode())
+        proc = stein(repo, "run", "gmm2d")
+    finally:
+        conf.write_bytes(original)
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith("error: conf/gmm2d.yaml") or last.startswith(f"error: {conf}"), last
+    assert fragment in last, last
+    assert "Traceback" not in proc.stderr
+    assert snapshot(repo) == before
+
+
+def test_a_bad_upstream_config_fails_the_downstream_run_before_dvc(repo):
+    """gmm2d-blindness reproduces gmm2d's stages: a broken conf/gmm2d.yaml stops it before DVC runs."""
+    conf = repo / "conf" / "gmm2d.yaml"
+    original = conf.read_text()
+    before = snapshot(repo)
+    try:
+        conf.write_text(original.replace("  lr: ", "  lr: -", 1))
+        proc = stein(repo, "run", "gmm2d-blindness")
+    finally:
+        conf.write_text(original)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "conf/gmm2d.yaml: key 'train.lr'" in proc.stderr.splitlines()[-1]
+    assert snapshot(repo) == before
+
+
+@pytest.mark.parametrize("env,fragment", [
+    ({"STEIN_NUM_WORKERS": "0"}, "key 'STEIN_NUM_WORKERS'"),
+    ({"STEIN_NUM_WORKERS": "two"}, "key 'STEIN_NUM_WORKERS'"),
+    ({"STEIN_NUM_WORKERS": "3"}, "conf/gmm2d.yaml: key 'train.batch_size': 256 is not a multiple of STEIN_NUM_WORKERS=3"),
+])
+def test_bad_runtime_settings_exit_2_before_dvc(repo, env, fragment):
+    before = snapshot(repo)
+    proc = stein(repo, "run", "gmm2d", **env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert fragment in proc.stderr.splitlines()[-1]
+    assert snapshot(repo) == before
+
+
+def _parquet(path: Path, columns: dict) -> None:
+    pq.write_table(pa.table(columns), path)
+
+
+def _points(x: np.ndarray):
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def _nan_rows(path: Path) -> None:
+    from tasks.io import read_dataset
+
+    x = read_dataset(path).x
+    x[[5, 9, 12]] = np.nan
+    _parquet(path, {"x": _points(x)})
+
+
+def _inf_row(path: Path) -> None:
+    from tasks.io import read_dataset
+
+    x = read_dataset(path).x
+    x[2, 1] = np.inf
+    _parquet(path, {"x": _points(x)})
+
+
+def _strings(path: Path) -> None:
+    _parquet(path, {"x": pa.FixedSizeListArray.from_arrays(pa.array(["a", "b"] * 4), 2)})
+
+
+#: (case id, stage, file (relative), how it is spoiled, what stderr's last line must contain besides the file).
+#: Each goes through a stage command (~10-20 s each here): one per way of reading (Parquet in the stage process,
+#: Parquet inside a Ray Train worker, a checkpoint); the other spoilt files are read in-process below.
+DATA_CASES = [
+    ("test split: NaN rows", "evaluate", "data/gmm2d/test.parquet", _nan_rows,
+     "key 'x': 3 of 200 rows hold non-finite values (NaN or inf), the first at row 5"),
+    ("samples: not Parquet", "evaluate", "samples/gmm2d/samples.parquet", lambda p: p.write_bytes(b"PAR1 garbage"),
+     "not a readable Parquet file"),
+    ("model: not a checkpoint", "sample", "models/gmm2d/model.pt", lambda p: p.write_bytes(b"not a zip"),
+     "not a readable checkpoint"),
+    ("train split: NaN rows (inside the Ray Train worker)", "train", "data/gmm2d/train.parquet", _nan_rows,
+     "key 'x': 3 of 400 rows hold non-finite values (NaN or inf), the first at row 5"),
+]
+
+#: The same, read by the function every stage reads Parquet with.
+READ_CASES = [
+    ("an inf value", _inf_row, "key 'x': 1 of 300 rows hold non-finite values"),
+    ("no column x", lambda p: _parquet(p, {"y": np.zeros(4)}), "key 'x': missing column 'x'"),
+    ("strings", _strings, "key 'x': expected a fixed-size list of floats"),
+    ("zero rows", lambda p: _parquet(p, {"x": _points(np.zeros((0, 2), np.float32))}), "key 'x': no data"),
+    ("a null row", lambda p: _parquet(p, {"x": pa.array([[1.0, 2.0], None], pa.list_(pa.float32(), 2))}), "not a readable Parquet file"),
+    ("a list of variable length", lambda p: _parquet(p, {"x": [[1.0, 2.0], [3.0]]}),
+     "key 'x': expected a fixed-size list of floats"),
+    ("float labels", lambda p: _parquet(p, {"x": _points(np.zeros((2, 2), np.float32)), "label": [0.5, 1.0]}),
+     "key 'label': expected integer class labels"),
+    ("a shape that does not fit", lambda p: pq.write_table(
+        pa.table({"x": _points(np.zeros((2, 2), np.float32))}).replace_schema_metadata(
+            {"shape": "[3]"}), p), "key 'shape': schema metadata shape [3] does not describe rows of 2 values"),
+]
+
+
+@pytest.mark.parametrize("name,spoil,fragment", READ_CASES, ids=[c[0] for c in READ_CASES])
+def test_read_dataset_names_file_and_column(tmp_path, name, spoil, fragment):
+    from tasks.config import ConfigError
+    from tasks.io import read_dataset, write_dataset
+
+    path = tmp_path / "samples.parquet"
+    write_dataset(path, np.random.default_rng(0).normal(size=(300, 2)))
+    spoil(path)
+    with pytest.raises(ConfigError) as info:
+        read_dataset(path)
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value), info.value
+
+
+@pytest.fixture(scope="module")
+def prefect_api(repo):
+    """One Prefect server for the stage commands of this module (each would otherwise start its own)."""
+    from flows.local import prefect_server
+
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(repo / ".stein" / "prefect")
+    try:
+        with prefect_server() as url:
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        if old is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = old
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,stage,rel,spoil,fragment", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_exits_2_naming_file_and_column_and_touches_nothing_else(repo, prefect_api, name, stage, rel, spoil,
+                                                                         fragment):
+    path = repo / rel
+    original = path.read_bytes()
+    try:
+        spoil(path)
+        before = snapshot(repo)
+        proc = stein(repo, "stage", stage, PREFECT_API_URL=prefect_api)
+        after = snapshot(repo)
+    finally:
+        path.write_bytes(original)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}: ") and fragment in last, last
+    assert after == before
