@@ -53,14 +53,17 @@ def goodness_of_fit(
     if max_samples is not None and len(x) > max_samples:
         x = x[torch.randperm(len(x), generator=gen)[:max_samples]]
     score = target_score(target)
-    if test == "ksd":
-        k = IMQ(c=1.0, beta=-0.5) if kernel == "imq" else median_rbf(x)
-        result = ksd_test(x, score, k, n_bootstrap=n_bootstrap, generator=gen, alpha=alpha)
-    else:
-        # maxSKSD slices the kernel input to one dimension; an RBF with a per-slice median bandwidth is the
-        # paper's choice, an IMQ works on the projections as well.
-        k = IMQ(c=1.0, beta=-0.5) if kernel == "imq" else median_rbf
-        result = sksd_test(x, score, k, variant="g", n_bootstrap=n_bootstrap, generator=gen, alpha=alpha)
+    try:
+        if test == "ksd":
+            k = IMQ(c=1.0, beta=-0.5) if kernel == "imq" else median_rbf(x)
+            result = ksd_test(x, score, k, n_bootstrap=n_bootstrap, generator=gen, alpha=alpha)
+        else:
+            # maxSKSD slices the kernel input to one dimension; an RBF with a per-slice median bandwidth is the
+            # paper's choice, an IMQ works on the projections as well.
+            k = IMQ(c=1.0, beta=-0.5) if kernel == "imq" else median_rbf
+            result = sksd_test(x, score, k, variant="g", n_bootstrap=n_bootstrap, generator=gen, alpha=alpha)
+    except ValueError as exc:  # the data admit no test: every point the same, a non-finite statistic
+        raise ConfigError(data, "x", str(exc)) from None
     return {
         "test": test,
         "target": target,

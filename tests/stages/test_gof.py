@@ -51,3 +51,15 @@ def test_gof_missing_or_bad_file_exits_2(tmp_path):
     bad.write_text("not parquet")
     result = CliRunner().invoke(main, ["gof", "--data", str(bad)])
     assert result.exit_code == 2 and "bad.parquet" in result.output
+
+
+@pytest.mark.parametrize("test", ["ksd", "sksd"])
+def test_gof_on_collapsed_samples_is_an_error_not_a_decision(tmp_path, test):
+    """Every point the same: no median-heuristic bandwidth exists. Before, the RBF statistic was NaN and the test
+    answered p = 1/(B+1), reject=True; now the command exits 2 naming the file."""
+    path = tmp_path / "same.parquet"
+    write_dataset(path, np.ones((50, 2)))
+    result = CliRunner().invoke(main, ["gof", "--data", str(path), "--kernel", "rbf", "--test", test, "--json"])
+    assert result.exit_code == 2, result.output
+    assert f"{path}: key 'x': " in result.output and "points coincide" in result.output
+    assert "p_value" not in result.output
