@@ -28,7 +28,8 @@ class ConvScoreNet(_Section):
 
     kind: Literal["conv"]
     base_channels: int = Field(16, ge=4, le=4096)
-    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1, max_length=8)
+    channel_mults: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=lambda: [1, 2, 2], min_length=1,
+                                                                max_length=8)
     num_res_blocks: int = Field(1, ge=1, le=16)
 
 

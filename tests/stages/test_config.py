@@ -148,3 +148,54 @@ def test_a_second_stein_run_fails_at_once_naming_the_first(project):
         assert time.perf_counter() - t0 < 10
     with open(project / ".stein" / "run.lock") as f:  # released: a new holder gets it at once
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _numbers_without_upper_bound(model, seen=None) -> list[str]:
+    """Dotted names of the int/float fields (also inside lists, unions and nested sections) reachable from
+    ``model`` that have no ``le``/``lt`` bound."""
+    import typing
+
+    import annotated_types
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    if model in seen:
+        return []
+    seen.add(model)
+    missing = []
+
+    def walk(tp, metadata, where):
+        bounded = any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in metadata)
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            base, *meta = typing.get_args(tp)
+            for m in meta:
+                if hasattr(m, "metadata"):  # a FieldInfo
+                    meta = [*meta, *m.metadata]
+            walk(base, [*metadata, *meta], where)
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            for arg in typing.get_args(tp):
+                walk(arg, metadata, where)
+        elif origin is list:
+            walk(typing.get_args(tp)[0], [], f"{where}[]")
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            missing.extend(f"{where}.{m}" for m in _numbers_without_upper_bound(tp, seen))
+        elif tp in (int, float) and not bounded:
+            missing.append(where)
+
+    for name, field in model.model_fields.items():
+        walk(field.annotation, field.metadata, name)
+    return missing
+
+
+def test_every_number_of_every_section_has_an_upper_bound():
+    """`n_samples: 1e11` must fail at validation, not run for days: every int and float of every config section
+    (every family's too) is bounded above."""
+    from tasks.families import FAMILIES
+    from tasks.pipelines import GenerativeConfig, ResampleConfig
+    from tasks.runtime import RuntimeSettings
+
+    missing = []
+    for root in (GenerativeConfig, ResampleConfig, RuntimeSettings, *(f.config for f in FAMILIES.values())):
+        missing += [f"{root.__name__}: {m}" for m in _numbers_without_upper_bound(root)]
+    assert not missing, missing
