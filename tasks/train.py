@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.cluster import init_ray
+from tasks.cluster import init_ray, local_torch_config
 from tasks.families import FAMILIES, model_payload
 from tasks.io import atomic_path, save_torch
 from tasks.runtime import RuntimeSettings, check_batch_split, project_root, state_dir
@@ -85,6 +85,7 @@ def train_model(
                 "mlflow_tracking_uri": mlflow_tracking_uri,
             },
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu),
+            torch_config=local_torch_config(),  # a local Ray: the rendezvous store on 127.0.0.1 too
             run_config=RunConfig(
                 # A unique name: Train V2 resumes from any snapshot found under the same name, which would
                 # silently continue a stale run after the config changed.
