@@ -24,11 +24,20 @@ class ConfigError(ValueError):
 
     def __init__(self, path: str | Path, key: str | None, message: str):
         self.path, self.key, self.message = str(path), key, message
-        where = f"{path}: key '{key}'" if key else str(path)
+        shown = _relative(path)
+        where = f"{shown}: key '{key}'" if key else shown
         super().__init__(f"{where}: {message}")
 
     def __reduce__(self):
         return type(self), (self.path, self.key, self.message)
+
+
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it (``conf/gmm2d.yaml``), else as given."""
+    try:
+        return str(Path(path).relative_to(Path.cwd())) if Path(path).is_absolute() else str(path)
+    except ValueError:
+        return str(path)
 
 
 class KeyedError(ValueError):
@@ -335,6 +344,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, None, f"not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(path, None, f"not valid YAML{where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, None, f"not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
@@ -364,7 +377,7 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
             key = f"{key}.{tag}" if key else tag
             got = f", got {ctx['tag']!r}" if "tag" in ctx else " (missing)"
             msg = f"must be one of {expected}{got}"
-        elif "input" in err and err["type"] not in ("missing",):
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
         more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""
         raise ConfigError(path, key, msg + more) from None

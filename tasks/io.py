@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, None, "checkpoint not found (run the train stage first)")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(path, None, "not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file

@@ -55,8 +55,12 @@ def snapshot(repo: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """The project's tracked files, a git repository, and small but real gmm2d outputs: data from the prepare
-    stage, a seeded untrained score network as the model, samples, a metrics file."""
+    return build_repo(tmp_path_factory.mktemp("bad-inputs") / "repo")
+
+
+def build_repo(dst: Path) -> Path:
+    """The project's tracked files in ``dst``, a git repository, and small but real gmm2d outputs: data from the
+    prepare task, a seeded untrained score network as the model, samples, a metrics file."""
     import torch
 
     from flows.registry import PIPELINES
@@ -65,7 +69,6 @@ def repo(tmp_path_factory) -> Path:
     from tasks.prepare import prepare_mixture
     from tasks.io import save_torch, write_dataset, write_json
 
-    dst = tmp_path_factory.mktemp("bad-inputs") / "repo"
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in listed:
         if (REPO / rel).is_file():
@@ -246,7 +249,7 @@ DATA_CASES = [
     ("samples: not Parquet", "evaluate", "samples/gmm2d/samples.parquet", lambda p: p.write_bytes(b"PAR1 garbage"),
      "not a readable Parquet file"),
     ("model: not a checkpoint", "sample", "models/gmm2d/model.pt", lambda p: p.write_bytes(b"not a zip"),
-     "not a readable checkpoint"),
+     "not a PyTorch checkpoint"),
     ("train split: NaN rows (inside the Ray Train worker)", "train", "data/gmm2d/train.parquet", _nan_rows,
      "key 'x': 3 of 400 rows hold non-finite values (NaN or inf), the first at row 5"),
 ]
@@ -314,5 +317,5 @@ def test_bad_data_exits_2_naming_file_and_column_and_touches_nothing_else(repo, 
         path.write_bytes(original)
     assert proc.returncode == 2, proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {path}: ") and fragment in last, last
+    assert last.startswith(f"error: {rel}: ") and fragment in last, last
     assert after == before

@@ -35,8 +35,16 @@ def test_missing_and_corrupt_inputs_name_the_file(tmp_path):
     assert "corrupt.parquet" in str(info.value)
     with pytest.raises(ConfigError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "none.pt")
-    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="not a PyTorch checkpoint"):
         load_checkpoint(bad)
+    import zipfile
+
+    foreign = tmp_path / "foreign.pt"  # a zip archive, but not what torch.save writes
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("hello.txt", "hi")
+    with pytest.raises(ConfigError, match="not a readable checkpoint: ") as info:
+        load_checkpoint(foreign)
+    assert "\n" not in str(info.value)  # one line, whatever torch says
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
