@@ -8,7 +8,6 @@ metric-vs-step curves: a CSV for ``dvc plots``, a figure, and the rows for MLflo
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import ConfigError, Evaluate
 from tasks.evaluation import EvalData, EvalInputs, evaluate_checkpoint, evaluate_sets, reference_metrics
-from tasks.io import atomic_path, read_dataset, write_json
+from tasks.io import read_dataset, write_json, write_rows
 from tasks.runtime import RuntimeSettings
 
 log = logging.getLogger("stein")
@@ -59,7 +58,7 @@ def evaluate_samples(
         # the reference line of the curves: the reference set at the checkpoints' sample size
         n = min(cfg.checkpoints.n_samples, len(data.reference))
         ck_ref = reference_metrics(data, min(cfg.n_eval, n), n, cfg.checkpoints.metrics)
-        _write_checkpoint_rows(rows, Path(plots_dir) / "checkpoints.csv")
+        write_rows(Path(plots_dir) / "checkpoints.csv", rows)
         from tasks.plots import plot_checkpoints
 
         plot_checkpoints(rows, reference=ck_ref, path=Path(plots_dir) / "checkpoints.png",
@@ -95,15 +94,6 @@ def _evaluate_checkpoints(cfg: Evaluate, checkpoints: list[Path], *, inputs: Eva
         if started:
             ray.shutdown()
     return sorted(rows, key=lambda r: r["step"])
-
-
-def _write_checkpoint_rows(rows: list[dict[str, float]], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (int(v) if k == "step" else v) for k, v in r.items()})
 
 
 def _plots(cfg: Evaluate, data: EvalData, samples: dict, metrics: dict[str, float], plots_dir: Path) -> None:

@@ -63,6 +63,18 @@ def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def write_rows(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
+    """Rows of dicts as a CSV for ``dvc plots`` (columns: the union of their keys, in order of first appearance;
+    ``step`` written as an integer), atomically."""
+    import csv
+
+    keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows({k: (int(v) if k == "step" else v) for k, v in r.items()} for r in rows)
+
+
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     """MD5 of a file's bytes: the same hash DVC records for a file in dvc.lock."""
     h = hashlib.md5()

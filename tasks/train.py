@@ -9,7 +9,6 @@ id and an absolute tracking URI).
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import init_ray, local_torch_config
 from tasks.families import FAMILIES, model_payload
-from tasks.io import atomic_path, save_torch
+from tasks.io import atomic_path, save_torch, write_rows
 from tasks.runtime import RuntimeSettings, check_batch_split, project_root, state_dir
 from tasks.training import STATE_FILE, TrainingDiverged, fatal_error, train_loop_per_worker
 
@@ -30,15 +29,6 @@ log = logging.getLogger("stein")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Rows of dicts as a CSV (the union of their keys, in order of first appearance), atomically."""
-    keys = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
 
 
 @task(name="train", cache_policy=NO_CACHE)

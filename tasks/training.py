@@ -51,13 +51,13 @@ def _scheduler(cfg, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
 
 
-def _first_nonfinite(metrics: dict[str, Any], modules: dict[str, Any]) -> str | None:
+def _first_nonfinite(metrics: dict[str, float], modules: dict[str, Any]) -> str | None:
     """The name of the first non-finite metric, or of a module with a non-finite weight; None if all finite."""
     import torch
 
     for name, value in metrics.items():
-        if not math.isfinite(float(value)):
-            return f"{name} = {float(value)}"
+        if not math.isfinite(value):
+            return f"{name} = {value}"
     for name, module in modules.items():
         params = [p.detach() for p in module.parameters()]
         # one reduction per module: a NaN or inf anywhere makes the sum of sums non-finite
@@ -89,7 +89,7 @@ def _all_reduce_mean(values: list[float], world: int, device) -> list[float]:
     return (t / world).tolist()
 
 
-def _heldout_mmd(model, heldout, n: int, seed: int, step: int) -> float:
+def _heldout_mmd(model, heldout, n: int, seed: int) -> float:
     """MMD² (U, IMQ c=1, β=-1/2: the evaluate stage's kernel) between ``n`` model samples and the held-out rows."""
     import torch
 
@@ -175,7 +175,7 @@ def fit(
         gen = step_generator(cfg.seed, step, device)
         batch = data[torch.randint(n, (cfg.batch_size,), generator=gen, device=device)]
         ctx = StepContext(step=step, rank=rank, world=world, generator=gen, device=device)
-        metrics = family.step(state, batch, ctx, cfg)
+        metrics = {k: float(v) for k, v in family.step(state, batch, ctx, cfg).items()}  # one device sync each
         for s in schedulers.values():
             s.step()
         bad = _first_nonfinite(metrics, modules)
@@ -183,7 +183,7 @@ def fit(
             where = f"the last good checkpoint is step {last_good}" if last_good is not None else "no checkpoint was written before it"
             raise TrainingDiverged(f"training diverged at step {step + 1}: non-finite {bad}; {where}")
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + v
         count += 1
         dt = time.perf_counter() - t0
         train_seconds += dt
@@ -201,7 +201,7 @@ def fit(
             if rank == 0 and heldout is not None and cfg.heldout_every and done % cfg.heldout_every == 0:
                 live = family.live_model(state, cfg, shape)
                 if live is not None:
-                    info["mmd_heldout"] = _heldout_mmd(live, heldout, cfg.heldout_n, cfg.seed, done)
+                    info["mmd_heldout"] = _heldout_mmd(live, heldout, cfg.heldout_n, cfg.seed)
                     heldout_rows.append({"step": done, "epoch": info["epoch"], "seconds": train_seconds,
                                          "mmd_heldout": info["mmd_heldout"]})
             if rank == 0 and hooks.on_log is not None:

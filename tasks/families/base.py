@@ -142,7 +142,7 @@ class Family:
         return {"weights": state["modules"]}
 
     def load(self, ckpt: Mapping[str, Any], *, device: str = "cpu", sampler=None) -> Model:
-        """A checkpoint (see :func:`tasks.families.save_model`) -> a :class:`Model`; ``sampler`` is the sample
+        """A checkpoint (see :func:`tasks.families.model_checkpoint`) -> a :class:`Model`; ``sampler`` is the sample
         section to draw with (None: the family's default)."""
         raise NotImplementedError
 

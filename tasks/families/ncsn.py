@@ -171,8 +171,7 @@ class NCSNFamily(Family):
 
         from tasks.families.base import build_from_checkpoint
 
-        net = build_from_checkpoint(ckpt, "score", _NET_CLASSES)
-        net.load_state_dict(ckpt["modules"]["score"])
+        net = build_from_checkpoint(ckpt, "score", _NET_CLASSES)  # weights loaded
         net.to(device).eval()
         sigmas = torch.tensor(ckpt["sigmas"], dtype=torch.float32, device=device)
         return ScoreNetModel(net, sigmas, ckpt["shape"], sampler)
