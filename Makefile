@@ -14,11 +14,12 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev run test test-fast bench ui clean help
+.PHONY: install install-dev run test test-all test-fast bench ui clean help
 
 help:
 	@echo "make run      - install, then reproduce the default pipeline ($(PIPELINE)) and print where results are"
-	@echo "make test     - install with dev dependencies, then run the whole test suite"
+	@echo "make test     - install with dev dependencies, then run the test suite (all but the tests marked heavy)"
+	@echo "make test-all - the whole test suite, heavy tests included"
 	@echo "make install  - create/update $(VENV) from requirements.lock (quick when nothing changed)"
 	@echo "make bench    - time each stage of the default pipeline (writes bench/out/)"
 	@echo "make ui       - open the MLflow UI on 127.0.0.1"
@@ -46,6 +47,9 @@ run: install
 	$(BIN)/stein run $(PIPELINE)
 
 test: install-dev
+	$(BIN)/python -m pytest -m "not heavy"
+
+test-all: install-dev
 	$(BIN)/python -m pytest
 
 test-fast: install-dev

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _cases_module():
-    spec = importlib.util.spec_from_file_location("bad_inputs", REPO / "tests" / "stages" / "test_bad_inputs.py")
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -37,12 +37,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args()
-    m = _cases_module()
+    m = _module("bad_inputs", REPO / "tests" / "stages" / "test_bad_inputs.py")
+    copy_project = _module("tests_conftest", REPO / "tests" / "conftest.py").copy_project
     from flows.local import prefect_server
 
     rows = ["| case | command | exit | last line of stderr | outputs changed | s |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="probe-") as d:
-        repo = m.build_repo(Path(d) / "repo")
+        repo = m.build_repo(Path(d) / "repo", copy_project)
         conf = repo / "conf" / "gmm2d.yaml"
         original = conf.read_bytes()
         for name, change, _fragment in m.CONFIG_CASES:

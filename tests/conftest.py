@@ -45,3 +45,40 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setenv("STEIN_PROJECT_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / '.stein' / 'mlflow.db'}")
     return tmp_path
+
+
+def copy_project(dst, *, set_params=None, commit: bool = True):
+    """A copy of this repository's files (tracked and untracked, not ignored) at ``dst`` without ``dvc.lock`` and
+    ``metrics/`` (so every stage is stale), with ``set_params(dst)`` applied to its configs, committed to a fresh
+    git repository (DVC needs one). Returns ``dst``."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dst = Path(dst)
+    git_env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@localhost"}
+
+    def git(cwd, *args):
+        return subprocess.run(["git", *args], cwd=cwd, env=git_env, check=True, capture_output=True, text=True).stdout
+
+    for rel in git(repo, "ls-files", "--cached", "--others", "--exclude-standard").splitlines():
+        if (repo / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, dst / rel)
+    for stale in ("dvc.lock", "metrics"):
+        p = dst / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if set_params is not None:
+        set_params(dst)
+    if commit:
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "test copy"]):
+            git(dst, *args)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def project_copier():
+    """:func:`copy_project`, for module fixtures that build a copy of the repository."""
+    return copy_project

@@ -1,21 +1,27 @@
 """The real pipeline, end to end: `stein run` (DVC + Prefect + Ray Train + MLflow) in a temporary copy of the
 repository with tiny settings. Checks outputs, metrics, the MLflow run tree, that a rerun is a no-op, that a
-sampling change reruns only sample and evaluate, and that a bad config exits 2 and touches nothing."""
+sampling change reruns only sample and evaluate, and that a bad config exits 2 and touches nothing.
+
+Every `stein run` here uses one Prefect server started once for the module (``prefect_api``, with
+``flows.local.prefect_server``, its home in the copy's .stein/prefect) through ``PREFECT_API_URL``, the way a user
+with a cluster's server runs it: starting a server takes 10-15 s on a 2-core machine, and six runs here would start
+one each. The server that `stein run` starts itself when ``PREFECT_API_URL`` is unset is exercised end to end by
+tests/e2e/test_signals.py (a real `stein run` up to training, then stopped; nothing it started survives) and
+tests/stages/test_servers.py (it stops with the command after SIGTERM and SIGKILL)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = {
@@ -78,31 +84,37 @@ def _set_params(repo: Path, updates: dict, pipeline: str = "gmm2d") -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
-    files = _git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").splitlines()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    for stale in ("dvc.lock", "metrics"):
-        p = dst / stale
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    _set_params(dst, TINY)
-    _set_params(dst, TINY_BLINDNESS, "gmm2d-blindness")
-    _set_params(dst, TINY_DIGITS, "digits")
-    _set_params(dst, TINY_RING8_AGD, "ring8-agd")
-    _set_params(dst, TINY_DIGITS_MMD, "digits-mmd")
-    _git(dst, "init", "-q")
-    _git(dst, "add", "-A")
-    _git(dst, "commit", "-q", "-m", "e2e copy")
-    return dst
+def repo(tmp_path_factory, project_copier) -> Path:
+    def tiny(dst: Path) -> None:
+        _set_params(dst, TINY)
+        _set_params(dst, TINY_BLINDNESS, "gmm2d-blindness")
+        _set_params(dst, TINY_DIGITS, "digits")
+        _set_params(dst, TINY_RING8_AGD, "ring8-agd")
+        _set_params(dst, TINY_DIGITS_MMD, "digits-mmd")
+
+    return project_copier(tmp_path_factory.mktemp("e2e") / "repo", set_params=tiny)
 
 
-def stein(repo: Path, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def prefect_api(repo) -> Iterator[str]:
+    """The URL of one Prefect server for every `stein run` of this module, stopped (with its process group) when
+    the module is done. Its database lives in the copy's .stein/prefect, like the server `stein run` starts."""
+    from flows.local import prefect_server
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PREFECT_API_URL", raising=False)  # always a server of our own, never one the caller points to
+        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
+        with prefect_server() as url:
+            yield url
+
+
+def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEIN_", "PREFECT_", "MLFLOW_TRACKING", "RAY_ADDRESS"))}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["STEIN_THREADS"] = "1"
+    # the module's server; Prefect's home as `stein run` would set it without PREFECT_API_URL (not ~/.prefect)
+    env["PREFECT_API_URL"] = prefect_api
+    env["PREFECT_HOME"] = str(repo / ".stein" / "prefect")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
     return proc
@@ -120,9 +132,9 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_pipeline_end_to_end(repo):
+def test_pipeline_end_to_end(repo, prefect_api):
     # 1. the first run reproduces every stage and writes every output
-    first = stein(repo, "run", "gmm2d")
+    first = stein(repo, "run", "gmm2d", prefect_api=prefect_api)
     assert first.returncode == 0
     for rel in ("data/gmm2d/train.parquet", "data/gmm2d/test.parquet", "models/gmm2d/model.pt",
                 "samples/gmm2d/samples.parquet", "plots/gmm2d/samples.png", "plots/gmm2d/score_field.png",
@@ -163,14 +175,14 @@ def test_pipeline_end_to_end(repo):
     assert sorted(m.step for m in history) == [100, 150]
 
     # 3. nothing changed: the rerun is a no-op and creates no run
-    again = stein(repo, "run")
+    again = stein(repo, "run", prefect_api=prefect_api)
     assert again.returncode == 0 and "up to date" in again.stdout
     assert len(runs(repo)[1]) == len(all_runs)
 
     # 4. a sampling parameter changed: only sample and evaluate rerun
     data_md5, model_md5 = md5(repo / "data/gmm2d/train.parquet"), md5(repo / "models/gmm2d/model.pt")
     _set_params(repo, {"sample": {"n_steps_each": 12}})
-    third = stein(repo, "run")
+    third = stein(repo, "run", prefect_api=prefect_api)
     assert third.returncode == 0
     _, after = runs(repo)
     new = [r for r in after if r.info.run_id not in {x.info.run_id for x in all_runs}]
@@ -180,7 +192,7 @@ def test_pipeline_end_to_end(repo):
     # 5. a bad config: exit 2, file and key named, no output touched, no run created
     samples_md5 = md5(repo / "samples/gmm2d/samples.parquet")
     _set_params(repo, {"train": {"sigma_min": 50.0}})
-    bad = stein(repo, "run")
+    bad = stein(repo, "run", prefect_api=prefect_api)
     assert bad.returncode == 2
     assert "conf/gmm2d.yaml" in bad.stderr and "'train'" in bad.stderr and "sigma_max" in bad.stderr
     assert md5(repo / "samples/gmm2d/samples.parquet") == samples_md5
@@ -188,11 +200,11 @@ def test_pipeline_end_to_end(repo):
     _set_params(repo, {"train": {"sigma_min": 0.1}})  # back to the committed value for the next test
 
 
-def test_blindness_pipeline_reuses_the_gmm2d_model(repo):
+def test_blindness_pipeline_reuses_the_gmm2d_model(repo, prefect_api):
     """gmm2d-blindness samples gmm2d's score network two ways: with gmm2d up to date it runs only its own three
     stages, and logs both samplers' metrics side by side."""
     model_md5 = md5(repo / "models/gmm2d/model.pt")
-    proc = stein(repo, "run", "gmm2d-blindness")
+    proc = stein(repo, "run", "gmm2d-blindness", prefect_api=prefect_api)
     assert proc.returncode == 0
     assert "Stages to run: gmm2d-blindness-evaluate, gmm2d-blindness-sample-annealed, gmm2d-blindness-sample-langevin\n" in proc.stdout
     assert md5(repo / "models/gmm2d/model.pt") == model_md5
@@ -207,10 +219,11 @@ def test_blindness_pipeline_reuses_the_gmm2d_model(repo):
     assert parent.data.metrics["weight_error_langevin"] == pytest.approx(metrics["weight_error_langevin"])
 
 
-def test_digits_pipeline_end_to_end(repo):
+@pytest.mark.heavy  # the image path (classifier, conv nets, FID) also runs in test_digits_mmd_generator_end_to_end
+def test_digits_pipeline_end_to_end(repo, prefect_api):
     """A short digits run through the real stages: real images in, a conv score network trained on Ray Train
     with an EMA, annealed Langevin samples, metrics and a sample grid out."""
-    proc = stein(repo, "run", "digits")
+    proc = stein(repo, "run", "digits", prefect_api=prefect_api)
     assert proc.returncode == 0
     metrics = json.loads((repo / "metrics" / "digits.json").read_text())
     assert {"mmd", "mmd_p_value", "ref_mmd", "ksd_model", "ksd_model_heldout"} <= set(metrics)
@@ -236,11 +249,11 @@ def _train_run(repo: Path, pipeline: str):
     return client, next(r for r in all_runs if r.data.tags.get("stein.stage") == "train")
 
 
-def test_ring8_agd_generator_trained_by_stein_gradients(repo):
+def test_ring8_agd_generator_trained_by_stein_gradients(repo, prefect_api):
     """A tiny ring8-agd through the real stages: an implicit generator trained by approximate KL descent on Ray
     Train, sampled as x = G(z), scored against the known ring; its held-out MMD and seconds per epoch logged
     against the step by Ray rank 0."""
-    proc = stein(repo, "run", "ring8-agd")
+    proc = stein(repo, "run", "ring8-agd", prefect_api=prefect_api)
     assert proc.returncode == 0
     metrics = json.loads((repo / "metrics" / "ring8-agd.json").read_text())
     assert {"mmd", "ref_mmd", "ksd", "ref_ksd", "log_likelihood", "modes_covered", "n_modes"} <= set(metrics)
@@ -265,10 +278,10 @@ def test_ring8_agd_generator_trained_by_stein_gradients(repo):
     assert all(m.value > 0 for m in client.get_metric_history(train.info.run_id, "train/seconds_per_epoch"))
 
 
-def test_digits_mmd_generator_end_to_end(repo):
+def test_digits_mmd_generator_end_to_end(repo, prefect_api):
     """A tiny digits-mmd: a DCGAN-style conv generator sized to the 8x8 digits, trained by MMD² on Ray Train,
     its samples images in [0, 1], FID/KID/precision/recall on the pipeline's own classifier features."""
-    proc = stein(repo, "run", "digits-mmd")
+    proc = stein(repo, "run", "digits-mmd", prefect_api=prefect_api)
     assert proc.returncode == 0
     metrics = json.loads((repo / "metrics" / "digits-mmd.json").read_text())
     assert {"fid", "ref_fid", "kid", "precision", "recall", "mmd", "ref_mmd"} <= set(metrics)

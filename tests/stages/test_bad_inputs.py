@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("data", "models", "samples", "metrics", "plots", "dvc.lock")
-
-
-def _git(cwd: Path, *args: str) -> None:
-    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@localhost"}
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -54,12 +46,12 @@ def snapshot(repo: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return build_repo(tmp_path_factory.mktemp("bad-inputs") / "repo")
+def repo(tmp_path_factory, project_copier) -> Path:
+    return build_repo(tmp_path_factory.mktemp("bad-inputs") / "repo", project_copier)
 
 
-def build_repo(dst: Path) -> Path:
-    """The project's tracked files in ``dst``, a git repository, and small but real gmm2d outputs: data from the
+def build_repo(dst: Path, copy_project) -> Path:
+    """A copy of the project in ``dst`` (``copy_project``: tests/conftest.py), and small but real gmm2d outputs: data from the
     prepare task, a seeded untrained score network as the model, samples, a metrics file."""
     import torch
 
@@ -69,22 +61,14 @@ def build_repo(dst: Path) -> Path:
     from tasks.prepare import prepare_mixture
     from tasks.io import save_torch, write_dataset, write_json
 
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in listed:
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    for stale in ("dvc.lock", "metrics"):
-        p = dst / stale
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    conf = dst / "conf" / "gmm2d.yaml"
-    raw = yaml.safe_load(conf.read_text())
-    raw["prepare"].update(n_train=400, n_test=200)
-    raw["evaluate"].update(n_eval=100, n_bootstrap=20, checkpoints=None, plots=["samples"])
-    conf.write_text(yaml.safe_dump(raw, sort_keys=False))
-    _git(dst, "init", "-q")
-    _git(dst, "add", "-A")
-    _git(dst, "commit", "-q", "-m", "copy")
+    def small(dst: Path) -> None:
+        conf = dst / "conf" / "gmm2d.yaml"
+        raw = yaml.safe_load(conf.read_text())
+        raw["prepare"].update(n_train=400, n_test=200)
+        raw["evaluate"].update(n_eval=100, n_bootstrap=20, checkpoints=None, plots=["samples"])
+        conf.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    copy_project(dst, set_params=small)
     cfg = PIPELINES["gmm2d"].load_config(dst)
     prepare_mixture.fn(cfg.prepare, dst / "data/gmm2d/train.parquet", dst / "data/gmm2d/test.parquet")
     torch.manual_seed(0)
