@@ -249,6 +249,7 @@ def _train_run(repo: Path, pipeline: str):
     return client, next(r for r in all_runs if r.data.tags.get("stein.stage") == "train")
 
 
+@pytest.mark.heavy  # the generator path also runs in test_digits_mmd_generator_end_to_end; AGD in tests/stages
 def test_ring8_agd_generator_trained_by_stein_gradients(repo, prefect_api):
     """A tiny ring8-agd through the real stages: an implicit generator trained by approximate KL descent on Ray
     Train, sampled as x = G(z), scored against the known ring; its held-out MMD and seconds per epoch logged

