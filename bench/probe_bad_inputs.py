@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ def _module(name: str, path: Path):
 
 def _row(name: str, command: str, proc, changed: int, seconds: float) -> str:
     last = (proc.stderr.strip().splitlines() or [""])[-1]
-    last = last.replace(str(REPO), ".").replace("|", "\\|")
+    last = re.sub(r"/tmp/probe-[^/]+/repo", "<copy>", last.replace(str(REPO), ".")).replace("|", "\\|")
     last = last if len(last) <= 150 else last[:147] + "..."
     return f"| {name} | `{command}` | {proc.returncode} | {last} | {changed} | {seconds:.1f} |"
 
