@@ -37,7 +37,7 @@ def _validate(pipeline: str, root: Path, config: str | None = None, *, upstream:
 
     spec = get_pipeline(pipeline)
     if upstream:
-        spec.validate_all(root)
+        return spec, spec.validate_all(root)
     return spec, spec.load_config(root, config)
 
 

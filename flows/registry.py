@@ -140,16 +140,19 @@ class Pipeline:
                 raise ConfigError(path, st.section, f"missing: the {st.name} stage reads this section")
         return cfg
 
-    def validate_all(self, root: Path) -> None:
+    def validate_all(self, root: Path) -> BaseModel:
         """Validate this pipeline's config and those of its upstream pipelines (``dvc repro`` of this pipeline
-        reruns their stages too): a bad config anywhere fails before DVC removes any stage's outputs."""
+        reruns their stages too): a bad config anywhere fails before DVC removes any stage's outputs. Returns this
+        pipeline's config."""
         settings = load_settings()
+        configs = []
         spec: Pipeline | None = self
         while spec is not None:
-            cfg = spec.load_config(root)
+            configs.append(cfg := spec.load_config(root))
             if getattr(cfg, "train", None) is not None:
                 check_batch_split(cfg.train, settings, spec.config_file)
             spec = PIPELINES[spec.upstream] if spec.upstream else None
+        return configs[0]
 
     def paths(self, root: Path) -> Paths:
         return Paths(root, self.name, self.upstream)
