@@ -404,5 +404,9 @@ def ui(port: int) -> None:
     os.execv(cmd[0], cmd)
 
 
+# Command groups kept in their own modules (each imports only click at module level: `stein --help` stays fast).
+# One line per module: main.add_command(<command>).
+
+
 if __name__ == "__main__":
     main()

@@ -82,3 +82,62 @@ def copy_project(dst, *, set_params=None, commit: bool = True):
 def project_copier():
     """:func:`copy_project`, for module fixtures that build a copy of the repository."""
     return copy_project
+
+
+class S3Server:
+    """A running S3-compatible server (moto's server mode) on 127.0.0.1: ``endpoint`` is its URL, ``env`` the
+    credentials and endpoint any client (boto3, DVC's s3fs, pyarrow) needs, ``bucket(name)`` creates a bucket."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+
+    def bucket(self, name: str) -> str:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server, started once per test session on a free 127.0.0.1 port in its own process group and
+    stopped by that group at the end."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"moto_server exited with code {proc.returncode}"
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not answer within 60 s"
+                time.sleep(0.2)
+        yield S3Server(endpoint)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
