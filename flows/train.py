@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.dvcgen import CODE
 from flows.registry import run_stage
 from tasks.tracking import tracking_uri
 from tasks.runtime import check_batch_split
-from tasks.train import train_model
+from tasks.train import train_model, training_run_name
 
 
 @flow(name="train", log_prints=True)
@@ -17,8 +18,13 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = 
 
         settings = ctx.settings
         check_batch_split(ctx.section, settings, config or ctx.spec.config_file)
-        mlflow.log_params({"runtime.num_workers": settings.num_workers, "runtime.use_gpu": settings.resolved_use_gpu()})
+        mlflow.log_params({"runtime.num_workers": settings.workers_spec, "runtime.use_gpu": settings.resolved_use_gpu()})
         mlflow.set_tag("stein.family", ctx.section.family)
+        inputs = [ctx.paths.train, *([ctx.paths.test] if ctx.section.heldout_every else [])]
+        # the Ray Train run is named after everything DVC would rerun this stage for: a killed training resumes
+        # when the stage reruns with the same inputs, and only then
+        run_name = training_run_name(pipeline, ctx.section, [*inputs, *(ctx.root / p for p in CODE["train"])], ctx.root)
+        mlflow.set_tag("stein.ray_train_run", run_name)
         info = train_model(
             ctx.section,
             data_path=ctx.paths.train,
@@ -27,6 +33,7 @@ def train_flow(pipeline: str = "gmm2d", config: str | None = None, stage: str = 
             checkpoints_dir=ctx.paths.checkpoints,
             curves_dir=ctx.paths.plots,
             pipeline=pipeline,
+            run_name=run_name,
             mlflow_run_id=run.info.run_id,  # Ray worker rank 0 logs the step metrics into this run
             mlflow_tracking_uri=tracking_uri(ctx.root),
             settings=settings,

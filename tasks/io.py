@@ -8,6 +8,7 @@ an optional ``label`` column, and schema metadata (shape, source, split, seed, p
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -28,9 +29,13 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it into place, on failure remove it."""
+    """Yield a temporary path beside ``final``; on success rename it into place, on failure remove it. Temporary
+    files of ``final`` left by a writer that was killed (SIGKILL runs no cleanup) are removed first: one stage
+    writes a given output at a time (``stein run`` holds the project lock, DVC its own)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_UMASK)

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("stein")
@@ -65,7 +65,14 @@ class RuntimeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STEIN_", env_file="runtime.env", extra="ignore")
 
-    num_workers: int = Field(1, ge=1, le=100_000, description="Ray Train workers (DDP processes) for training stages.")
+    num_workers: int = Field(
+        1, ge=1, le=100_000,
+        description="Ray Train workers (DDP processes) for training stages; MIN-MAX (e.g. 1-2) trains elastically: "
+        "with MAX workers when the cluster has room, on as few as MIN when nodes are lost. Read as the maximum.",
+    )
+    min_workers: int | None = Field(
+        None, ge=1, le=100_000, description="Set by STEIN_NUM_WORKERS=MIN-MAX (elastic training); unset: fixed size."
+    )
     use_gpu: bool | None = Field(
         None, description="Train on GPUs; unset means: use them when CUDA is available."
     )
@@ -75,11 +82,43 @@ class RuntimeSettings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (also read from RAY_ADDRESS); unset starts a local Ray."
     )
+    ray_storage: str | None = Field(
+        None,
+        description="Where Ray Train keeps the checkpoints of a running training (its storage_path): a directory "
+        "every node sees, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, credentials from AWS_*). Unset: "
+        ".stein/ray_results, enough on one machine.",
+    )
     ray_ship_code: bool = Field(
         False,
         description="Ship the project to Ray workers with runtime_env working_dir (a cluster without a "
         "shared file system). Locally, workers import it from the project path.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, data):
+        """``num_workers="MIN-MAX"`` -> ``min_workers=MIN, num_workers=MAX`` (MIN <= MAX, checked)."""
+        value = data.get("num_workers") if isinstance(data, dict) else None
+        if isinstance(value, str) and "-" in value.strip().lstrip("-"):
+            low, _, high = value.strip().partition("-")
+            try:
+                low_n, high_n = int(low), int(high)
+            except ValueError:
+                raise ValueError("must be N or MIN-MAX with integers") from None
+            if not 1 <= low_n <= high_n:
+                raise ValueError("MIN-MAX needs 1 <= MIN <= MAX")
+            data = dict(data) | {"num_workers": high_n, "min_workers": low_n}
+        return data
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers a training may run with: one size, or MIN..MAX when elastic."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
+
+    @property
+    def workers_spec(self) -> str:
+        """STEIN_NUM_WORKERS as given: ``N``, or ``MIN-MAX`` when elastic."""
+        return f"{self.min_workers}-{self.num_workers}" if self.min_workers else str(self.num_workers)
 
     def resolved_use_gpu(self) -> bool:
         if self.use_gpu is not None:
@@ -108,17 +147,24 @@ def load_settings() -> RuntimeSettings:
         return RuntimeSettings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = f"STEIN_{'_'.join(map(str, err['loc'])).upper()}"
-        raise ConfigError("environment or runtime.env", name, f"{err['msg']} (got {err.get('input')!r})") from None
+        loc = err["loc"] or ("num_workers",)  # the one model-level check: the MIN-MAX form of num_workers
+        got = err.get("input")
+        if isinstance(got, dict):
+            got = got.get(loc[0])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError("environment or runtime.env", f"STEIN_{'_'.join(map(str, loc)).upper()}", f"{msg} (got {got!r})") from None
 
 
 def check_batch_split(cfg, settings: RuntimeSettings, config_file: str = "the train section") -> None:
-    """Every worker takes an equal slice of the global batch: fail before Ray starts if it does not split."""
-    if cfg.batch_size % settings.num_workers:
+    """Every worker takes an equal slice of the global batch: fail before Ray starts if it does not split, for
+    every size an elastic training may take."""
+    bad = [n for n in settings.worker_counts if cfg.batch_size % n]
+    if bad:
         from tasks.config import ConfigError
 
-        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of STEIN_NUM_WORKERS="
-                          f"{settings.num_workers}: every worker takes an equal slice of the global batch")
+        counts = settings.num_workers if settings.min_workers is None else f"{settings.min_workers}-{settings.num_workers}"
+        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of {bad[0]} (STEIN_NUM_WORKERS="
+                          f"{counts}): every worker takes an equal slice of the global batch")
 
 
 def configure_threads(threads: int) -> None:

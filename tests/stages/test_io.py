@@ -62,6 +62,21 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert target.read_bytes() == b"old"  # the previous version survives an interrupted rewrite
 
 
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
+    """SIGKILL runs no cleanup: the temporary file (or folder) of a killed writer stays beside the output. The next
+    atomic write of that output removes it, and only it: another output's temporary file is not touched."""
+    target = tmp_path / "samples.parquet"
+    (tmp_path / ".samples.parquet.k1ll3d.tmp").write_bytes(b"half")
+    (tmp_path / ".samples.parquet.d1r.tmp").mkdir()
+    (tmp_path / ".samples.parquet.d1r.tmp" / "part").write_bytes(b"half")
+    other = tmp_path / ".model.pt.abc.tmp"
+    other.write_bytes(b"someone else's")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pt.abc.tmp", "samples.parquet"]
+    assert target.read_bytes() == b"whole"
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     import torch
 
