@@ -3,23 +3,44 @@
 DVC decides what is stale (content hashes of deps, params and outs); this flow only calls ``dvc repro`` on the
 pipeline's last stage, with ``STEIN_PARENT_RUN_ID`` set so each stage's MLflow run becomes a child of the
 pipeline run, and then logs the headline metrics on the pipeline run for side-by-side comparison. A Prefect
-deployment that schedules this flow reproduces the pipeline on a cluster with exactly the same semantics.
+deployment that schedules this flow (``stein schedule``, :mod:`flows.schedule`) reproduces the pipeline with
+exactly the same semantics.
+
+Retries are for I/O only: opening, filling and closing the MLflow pipeline run (a tracking server can drop a
+request) retry; ``dvc repro`` does not (a stage that failed on bad input fails the same way again, and a stage
+that crashed is rerun by the next ``stein run`` or scheduled run, which DVC makes resume where it stopped).
+
+One ``dvc repro`` per project: ``stein run`` holds the project lock (:func:`flows.local.project_lock`) around this
+flow. A run started by a deployment (on a worker) has no such caller, so it takes the same lock itself, waiting up
+to ``project_lock_wait`` seconds for a ``stein run`` or a scheduled run of another pipeline of the project.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
-from flows.local import STAGE_ERROR_ENV, StageFailed, dvc, read_stage_error, tool_env
+from flows.local import STAGE_ERROR_ENV, ProjectBusy, StageFailed, dvc, project_lock, read_stage_error, tool_env
 from flows.registry import get_pipeline
 from tasks.runtime import project_root
-from tasks.tracking import PARENT_ENV, base_tags, experiment_id, setup_mlflow
+from tasks.tracking import PARENT_ENV, base_tags, experiment_id, setup_mlflow, tracking_uri
+
+#: Waits between the tries of an I/O task (MLflow calls): three retries spread over about 45 s.
+IO_RETRY_DELAYS = [5, 10, 30]
+
+
+def _io_task(name: str):
+    """A Prefect task that only does I/O, hence may simply be tried again: retried after each of IO_RETRY_DELAYS."""
+    return task(name=name, cache_policy=NO_CACHE, retries=len(IO_RETRY_DELAYS), retry_delay_seconds=IO_RETRY_DELAYS)
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -39,19 +60,92 @@ def dvc_repro(targets: list[str], *, root: Path, parent_run_id: str, force: bool
             raise StageFailed(f"`dvc {' '.join(args)}`: {cause}")
 
 
+def _client(root: Path):
+    setup_mlflow(root)  # creates the project's .stein/ for the default SQLite store
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+
+
+@_io_task("open-pipeline-run")
+def open_pipeline_run(pipeline: str, *, root: Path) -> str:
+    """Create the MLflow run the stages' runs become children of; returns its id."""
+    tags = base_tags(pipeline, root) | {"stein.kind": "pipeline"}
+    run = _client(root).create_run(experiment_id(pipeline, root), run_name=f"pipeline {pipeline}", tags=tags)
+    return run.info.run_id
+
+
+@_io_task("log-pipeline-metrics")
+def log_pipeline_metrics(run_id: str, metrics_file: Path, seconds: float, *, root: Path) -> dict[str, float]:
+    """Log the pipeline's headline metrics (its DVC metrics file) and its wall time on the pipeline run."""
+    metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items()}
+    client = _client(root)
+    now = int(time.time() * 1000)
+    from mlflow.entities import Metric
+
+    logged = metrics | {"pipeline_seconds": seconds}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()])
+    client.log_artifact(run_id, str(metrics_file))
+    return metrics
+
+
+@_io_task("close-pipeline-run")
+def close_pipeline_run(run_id: str, status: str, *, root: Path) -> None:
+    _client(root).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def _project_exclusion(root: Path, wait: float | None, pipeline: str) -> Iterator[None]:
+    """Hold the project lock, waiting up to ``wait`` seconds for it (polling every second: ``flock`` has no
+    timeout); with ``wait=None`` the caller (``stein run``) holds it already. Raises ProjectBusy, naming the holder,
+    on timeout."""
+    if wait is None:
+        yield
+        return
+    try:
+        log = get_run_logger()
+    except MissingContextError:  # called outside a flow run
+        log = logging.getLogger("stein")
+    deadline = time.monotonic() + wait
+    with contextlib.ExitStack() as stack:
+        waiting = False
+        while True:
+            try:
+                stack.enter_context(project_lock(root))
+                break
+            except ProjectBusy as exc:
+                if time.monotonic() >= deadline:
+                    raise ProjectBusy(f"gave up after waiting {wait:.0f} s: {exc}") from None
+                if not waiting:
+                    log.info("pipeline %r waits for the project lock: %s", pipeline, exc)
+                    waiting = True
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if waiting:
+            log.info("pipeline %r got the project lock", pipeline)
+        yield
+
+
 @flow(name="reproduce-pipeline", log_prints=True)
-def reproduce_flow(pipeline: str = "gmm2d", force: bool = False) -> dict[str, float]:
-    """Reproduce ``pipeline`` with ``dvc repro`` and log its headline metrics on one MLflow pipeline run."""
+def reproduce_flow(pipeline: str = "gmm2d", force: bool = False,
+                   project_lock_wait: float | None = None) -> dict[str, float]:
+    """Reproduce ``pipeline`` with ``dvc repro`` and log its headline metrics on one MLflow pipeline run.
+
+    ``project_lock_wait``: None when the caller holds the project lock (``stein run``); a number of seconds to
+    wait for it otherwise (a deployment's run: see :mod:`flows.schedule`)."""
     spec = get_pipeline(pipeline)
     root = project_root()
     paths = spec.paths(root)
-    mlflow = setup_mlflow(root)
-    exp = experiment_id(pipeline, root)
-    tags = base_tags(pipeline, root) | {"stein.kind": "pipeline"}
-    with mlflow.start_run(experiment_id=exp, run_name=f"pipeline {pipeline}", tags=tags) as run:
-        t0 = time.perf_counter()
-        dvc_repro([spec.final_stage], root=root, parent_run_id=run.info.run_id, force=force)
-        metrics = json.loads(paths.metrics.read_text())
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()} | {"pipeline_seconds": time.perf_counter() - t0})
-        mlflow.log_artifact(str(paths.metrics))
+    with _project_exclusion(root, project_lock_wait, pipeline):
+        if project_lock_wait is not None:
+            spec.validate_all(root)  # `stein run` validated before it took the lock; bad input fails before DVC
+        run_id = open_pipeline_run(pipeline, root=root)
+        try:
+            t0 = time.perf_counter()
+            dvc_repro([spec.final_stage], root=root, parent_run_id=run_id, force=force)
+            metrics = log_pipeline_metrics(run_id, paths.metrics, time.perf_counter() - t0, root=root)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort and at once (no retries): the error is what matters
+                close_pipeline_run.fn(run_id, "FAILED", root=root)
+            raise
+        close_pipeline_run(run_id, "FINISHED", root=root)
     return metrics
