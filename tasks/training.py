@@ -243,12 +243,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:  # resuming after a worker-group failure
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        if rank == 0:
+            print(f"[train] resuming from the checkpoint of step {resume['step']}/{cfg.n_steps}", flush=True)
 
     client = None
     if rank == 0 and config.get("mlflow_run_id"):
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    # Where the ranks run: the Ray node id of each, gathered over the process group (a collective: every rank takes
+    # part), printed by rank 0 and kept as the tag ``ray.worker_nodes`` (ids by rank, comma-separated; the latest
+    # attempt's after a restart). No tensor of the training is touched, and fit() seeds torch itself.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = [str(n) for n in gathered]
+    if rank == 0:
+        print(f"[train] {world} worker(s) on {len(set(nodes))} Ray node(s); node by rank: "
+              f"{', '.join(n[:12] for n in nodes)}", flush=True)
+        if client is not None:
+            client.set_tag(config["mlflow_run_id"], "ray.worker_nodes", ",".join(nodes))
 
     def on_log(step: int, metrics: dict[str, float], info: dict[str, float]) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in {**metrics, **({"mmd_heldout": info["mmd_heldout"]} if "mmd_heldout" in info else {})}.items())
