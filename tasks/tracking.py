@@ -1,7 +1,9 @@
 """MLflow conventions: one run per stage execution, grouped under the pipeline run that ``stein run`` creates.
 
 The store is SQLite inside the project (``.stein/mlflow.db``, ignored by git) unless ``MLFLOW_TRACKING_URI``
-points elsewhere (a tracking server on a cluster). Every stage run is tagged with the pipeline, the DVC stage,
+points elsewhere: a tracking server (``stein server``, or a cluster's) that every stage, and Ray rank 0, then logs
+to over HTTP, with the credentials in ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` when it
+requires them. Every stage run is tagged with the pipeline, the DVC stage,
 the git commit and the MD5 of each input file (the hash DVC records), so a run in the UI traces back to its
 exact inputs. A pipeline run passes its id to the stages in ``STEIN_PARENT_RUN_ID``; stage runs become its
 children (and carry ``stein.pipeline_run_id``), so one pipeline run reads as one group in the UI.
@@ -10,6 +12,7 @@ children (and carry ``stein.pipeline_run_id``), so one pipeline run reads as one
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -19,6 +22,8 @@ from typing import Any
 from tasks.runtime import project_root, state_dir
 
 PARENT_ENV = "STEIN_PARENT_RUN_ID"
+
+log = logging.getLogger("stein")
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -56,15 +61,27 @@ def setup_mlflow(root: Path | None = None):
     return mlflow
 
 
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (HTTP) rather than a store this process opens itself."""
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
 def experiment_id(name: str, root: Path | None = None) -> str:
-    """The experiment of a pipeline, created with a project-local artifact location on first use."""
+    """The experiment of a pipeline, created on first use: with a project-local artifact location when the store
+    is local; on a tracking server at the server's own location (``mlflow-artifacts:/...`` when it proxies
+    artifacts, as ``stein server`` does), so that clients upload artifacts through it instead of writing to a path
+    that exists only on their own machine."""
     mlflow = setup_mlflow(root)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if is_server(tracking_uri(root)) and exp.artifact_location.startswith("file:"):
+            log.warning("experiment %r on %s keeps its artifacts at %s (it was created by a local run): they are "
+                        "written there directly, not through the server", name, tracking_uri(root), exp.artifact_location)
         return exp.experiment_id
+    location = None if is_server(tracking_uri(root)) else f"{artifact_root(root)}/{name}"
     try:
-        return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}")
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # another stage process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
