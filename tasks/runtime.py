@@ -82,6 +82,11 @@ class RuntimeSettings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (also read from RAY_ADDRESS); unset starts a local Ray."
     )
+    elastic_resize_s: float = Field(
+        60.0, ge=1, le=86_400,
+        description="Elastic training (STEIN_NUM_WORKERS=MIN-MAX): how often Ray Train looks for room to grow the "
+        "worker group back (each resize restarts the group from its last checkpoint).",
+    )
     ray_storage: str | None = Field(
         None,
         description="Where Ray Train keeps the checkpoints of a running training (its storage_path): a directory "

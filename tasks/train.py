@@ -144,7 +144,8 @@ def train_model(
                 "mlflow_run_id": mlflow_run_id,
                 "mlflow_tracking_uri": mlflow_tracking_uri,
             },
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         elastic_resize_monitor_interval_s=settings.elastic_resize_s),
             torch_config=local_torch_config(),  # a local Ray: the rendezvous store on 127.0.0.1 too
             run_config=RunConfig(
                 name=run_name,  # named after the inputs: a killed training resumes, a changed one starts fresh

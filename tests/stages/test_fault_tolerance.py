@@ -129,20 +129,26 @@ def test_a_killed_ray_train_worker_is_restarted_from_the_last_checkpoint(project
     data, ref = reference
     write_dataset(project / "train.parquet", data.numpy())
     storage = project / ".stein" / "ray_results"
-    killed: list[tuple[int, float]] = []
+    killed: list[float] = []  # seconds from the kill: to a new worker process, to its first new checkpoint
 
     def kill_once() -> None:
-        _wait_for(lambda: _checkpoints(storage), "checkpoint")
+        before = _wait_for(lambda: _checkpoints(storage), "checkpoint")
         worker = _wait_for(_ray_train_workers, "Ray Train worker")[0]
         worker.send_signal(signal.SIGKILL)
-        killed.append((worker.pid, time.monotonic()))
+        t0 = time.monotonic()
+        _wait_for(lambda: [p for p in _ray_train_workers() if p.pid != worker.pid], "restarted worker")
+        killed.append(time.monotonic() - t0)
+        _wait_for(lambda: _checkpoints(storage) > before, "checkpoint after the restart")
+        killed.append(time.monotonic() - t0)
 
     killer = threading.Thread(target=kill_once, daemon=True)
     killer.start()
     info = _train(project)
     killer.join(timeout=5)
-    assert killed, "the worker was not killed: training ended before its first checkpoint was seen"
+    assert len(killed) == 2, "the worker was not killed, or training ended before its first checkpoint was seen"
     out = capfd.readouterr().out
+    with capfd.disabled():
+        print(f"\nworker killed: a new worker {killed[0]:.1f} s later, its first checkpoint {killed[1]:.1f} s later")
     assert RESUMED in out, out[-3000:]
     assert info["steps"] == CFG["n_steps"]
     _assert_weights_of(ref, project / "model.pt")
