@@ -63,11 +63,18 @@ def main() -> None:
 @click.argument("pipeline", default="gmm2d")
 @click.option("--list", "list_", is_flag=True, help="List the pipelines with one line each and exit.")
 @click.option("--force", is_flag=True, help="Rerun every stage even if DVC finds nothing changed.")
-def run(pipeline: str, list_: bool, force: bool) -> None:
+@click.option("--push", is_flag=True,
+              help="After a successful run, or when nothing was stale, upload the outputs of the pipeline's stages "
+                   "(and of the pipelines it reuses) to the DVC remote with `dvc push`, so that another clone gets "
+                   "them with `dvc pull`.")
+@click.option("--remote", metavar="NAME",
+              help="The DVC remote --push writes to (default: the project's default remote, `dvc remote default`).")
+def run(pipeline: str, list_: bool, force: bool, push: bool, remote: str | None) -> None:
     """Reproduce PIPELINE through DVC (default: gmm2d), only the stages whose inputs changed.
 
     Starts a local Prefect server for the stages (unless PREFECT_API_URL is set), groups the stages' MLflow runs
-    under one pipeline run, and prints where the results are.
+    under one pipeline run, and prints where the results are. With --push the outputs then go to a DVC remote
+    (an S3 bucket shared by a team, say); a push that fails exits 1 with DVC's error, after the results are kept.
     """
     from flows.registry import PIPELINES
 
@@ -78,29 +85,57 @@ def run(pipeline: str, list_: bool, force: bool) -> None:
             upstream = f" (after {spec.upstream})" if spec.upstream else ""
             click.echo(f"{name:<{width}}  {spec.description}\n{'':<{width}}  stages: {stages}{upstream}")
         return
+    if remote is not None and not push:
+        _fail(ValueError(f"--remote {remote} needs --push (it names the DVC remote that --push uploads to)"))
     root = _setup()
     try:
         spec, _ = _validate(pipeline, root, upstream=True)
     except ConfigError as exc:
         _fail(exc)
+    target = _push_target(root, remote) if push else None  # a missing remote fails here, before any compute
     from flows.local import ProjectBusy, exit_on_termination, project_lock
 
     exit_on_termination()
     try:
         with project_lock(root):  # raises ProjectBusy on entry only
-            _reproduce(spec, pipeline, root, force)
+            _reproduce(spec, pipeline, root, force, push=target)
     except ProjectBusy as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
 
-def _reproduce(spec, pipeline: str, root: Path, force: bool) -> None:
-    """The body of ``stein run`` under the project lock: what is stale, the Prefect server, the pipeline flow."""
+def _push_target(root: Path, remote: str | None) -> tuple[str, str]:
+    """The (name, URL) of the DVC remote ``stein run --push`` writes to: ``remote`` if given, else DVC's default.
+    A name DVC does not know, or no default, is bad input (exit 2), found before the pipeline runs."""
+    from flows.local import dvc_remotes
+
+    try:
+        remotes, default = dvc_remotes(root)
+    except RuntimeError as exc:
+        _fail(RuntimeError(f"--push: cannot read DVC's config: {exc}"))
+    known = ", ".join(sorted(remotes)) or "none"
+    if remote is None:
+        if default is None:
+            _fail(ValueError(f"--push: the project has no default DVC remote (configured: {known}): add one with "
+                             "`dvc remote add -d NAME URL`, or name one with --remote NAME"))
+        remote = default
+    if remote not in remotes:
+        what = "--remote" if remote != default else "the default DVC remote (core.remote)"
+        _fail(ValueError(f"--push: {what} {remote!r} is not a configured DVC remote (configured: {known}); see "
+                         "`dvc remote list`"))
+    return remote, remotes[remote]
+
+
+def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, str] | None = None) -> None:
+    """The body of ``stein run`` under the project lock: what is stale, the Prefect server, the pipeline flow, and
+    with ``push`` (a remote's name and URL) the upload of the outputs afterwards."""
     from flows.local import prefect_server, stale_stages
 
     stale = stale_stages(pipeline, root)
     if stale == [] and not force:
         click.echo(f"Pipeline {pipeline!r} is up to date: nothing to reproduce.")
+        if push:
+            _push(spec, pipeline, root, *push)
         _print_results(spec, root)
         return
     if stale:
@@ -125,7 +160,30 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool) -> None:
         finally:
             APILogWorker.drain_all(timeout=5)  # ship the flow's last log lines while the server is still up
     click.echo("Metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if push:
+        _push(spec, pipeline, root, *push)
     _print_results(spec, root)
+
+
+def _push(spec, pipeline: str, root: Path, remote: str, url: str) -> None:
+    """``dvc push --with-deps`` of the pipeline's last stage: the cached outputs of every stage it depends on,
+    upstream pipelines included (metrics files are ``cache: false``: they travel with git). DVC uploads only the
+    objects the remote lacks. A failure exits 1 naming the remote and DVC's own error line."""
+    import time
+
+    from flows.local import dvc
+
+    click.echo(f"Pushing the outputs of {pipeline!r} to DVC remote {remote!r} ({url})")
+    t0 = time.perf_counter()
+    proc = dvc("push", "--with-deps", "--remote", remote, spec.final_stage, root=root)
+    if proc.returncode != 0:
+        errors = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.startswith("ERROR")]
+        cause = errors[-1] if errors else f"`dvc push` exited with {proc.returncode}"
+        click.echo(f"error: pipeline {pipeline!r} is reproduced, but pushing its outputs to DVC remote {remote!r} "
+                   f"({url}) failed: {cause}", err=True)
+        sys.exit(1)
+    click.echo(f"Pushed to {remote!r} in {time.perf_counter() - t0:.1f} s: another clone gets them with "
+               f"`dvc pull --with-deps {spec.final_stage}` (after `git pull` of dvc.lock and metrics/)")
 
 
 def _print_results(spec, root: Path) -> None:
@@ -139,7 +197,13 @@ def _print_results(spec, root: Path) -> None:
         click.echo(f"  model     {rel(paths.model)}   (from pipeline {spec.upstream})")
     else:
         click.echo(f"  model     {rel(paths.model)}")
-    click.echo("  runs      MLflow store .stein/mlflow.db: `stein ui` opens it on http://127.0.0.1:5000")
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:"):
+        click.echo("  runs      MLflow store .stein/mlflow.db: `stein ui` opens it on http://127.0.0.1:5000")
+    else:
+        click.echo(f"  runs      MLflow at {uri}")
 
 
 @main.command("dvc-yaml")
@@ -406,6 +470,16 @@ def ui(port: int) -> None:
 
 # Command groups kept in their own modules (each imports only click at module level: `stein --help` stays fast).
 # One line per module: main.add_command(<command>).
+from flows.cli_schedule import schedule as _schedule, worker as _worker  # noqa: E402
+
+main.add_command(_schedule)
+main.add_command(_worker)
+from flows.cli_server import server as _server  # noqa: E402
+
+main.add_command(_server)
+from flows.cli_cluster import cluster as _cluster  # noqa: E402
+
+main.add_command(_cluster)
 
 
 if __name__ == "__main__":

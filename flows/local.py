@@ -124,12 +124,33 @@ def stale_stages(pipeline: str, root: Path) -> list[str] | None:
     return sorted(status)
 
 
+def dvc_remotes(root: Path) -> tuple[dict[str, str], str | None]:
+    """The DVC remotes configured for the project (name -> URL) and the default remote's name (None if unset),
+    merged over DVC's system, global, repository and ``--local`` config levels exactly as ``dvc push`` merges
+    them: one ``dvc config --list`` call. Raises RuntimeError with DVC's message if DVC cannot read its config."""
+    proc = dvc("config", "--list", root=root, capture=True)
+    if proc.returncode != 0:
+        errors = [ln for ln in (proc.stderr or "").splitlines() if ln.startswith("ERROR")]
+        raise RuntimeError(errors[-1] if errors else f"`dvc config --list` exited with {proc.returncode}")
+    remotes: dict[str, str] = {}
+    default = None
+    for line in (proc.stdout or "").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key == "core.remote":
+            default = value
+        elif key.startswith("remote.") and key.endswith(".url"):
+            remotes[key[len("remote."):-len(".url")]] = value
+    return remotes, default
+
+
 class ProjectBusy(RuntimeError):
     """Another ``stein run`` is reproducing pipelines in this project (DVC allows one ``dvc repro`` at a time)."""
 
 
 @contextlib.contextmanager
-def project_lock(root: Path) -> Iterator[None]:
+def project_lock(root: Path, holder: str = "`stein run`") -> Iterator[None]:
     """Hold ``.stein/run.lock`` (an exclusive ``flock``, released by the kernel when this process ends, however it
     ends) while a pipeline is reproduced: a second ``stein run`` fails at once, naming the first, instead of
     starting its servers and then failing inside ``dvc repro`` on DVC's repository lock."""
@@ -145,7 +166,7 @@ def project_lock(root: Path) -> Iterator[None]:
                               f"wait for it to finish, or stop it") from None
         f.seek(0)
         f.truncate()
-        f.write(f"`stein run` (pid {os.getpid()})")
+        f.write(f"{holder} (pid {os.getpid()})")
         f.flush()
         try:
             yield

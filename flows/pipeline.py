@@ -111,7 +111,7 @@ def _project_exclusion(root: Path, wait: float | None, pipeline: str) -> Iterato
         waiting = False
         while True:
             try:
-                stack.enter_context(project_lock(root))
+                stack.enter_context(project_lock(root, holder=f"a scheduled run of {pipeline!r}"))
                 break
             except ProjectBusy as exc:
                 if time.monotonic() >= deadline:
