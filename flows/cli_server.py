@@ -81,7 +81,7 @@ def tracking_server(spec: TrackingServer, env: Mapping[str, str] | None = None,
 
     Raises :class:`ServerSetupError` for bad input (no usable admin password, a wrong one for an existing admin)
     and RuntimeError when the server exits or does not answer, with the end of its log."""
-    from flows.local import die_with_parent, stop_process_group
+    from flows.local import die_with_parent, stop_process_group, wait_until_healthy
 
     base = dict(os.environ if env is None else env)
     server_env = spec.environment(base)
@@ -91,19 +91,10 @@ def tracking_server(spec: TrackingServer, env: Mapping[str, str] | None = None,
         proc = subprocess.Popen(spec.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=server_env, cwd=spec.state, start_new_session=True, preexec_fn=die_with_parent)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with code {proc.returncode}; the end of {spec.log}:\n"
-                                   f"{_log_tail(spec.log)}")
-            try:
-                if http_status(f"{spec.url}/health", timeout=2) == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer on {spec.url} within {timeout:.0f} s; see {spec.log}")
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(proc, f"{spec.url}/health", timeout, "mlflow server", spec.log)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its end:\n{_log_tail(spec.log)}") from None
         if spec.auth:
             # MLflow reads the admin password only when it creates the admin user; on a later start a different one
             # would be ignored in silence, and the credentials the user passes on to the pipeline would not work.

@@ -207,24 +207,30 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with code {proc.returncode}; see {logfile}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not answer on {url} within {timeout:.0f} s; see {logfile}")
-            time.sleep(0.2)
+        wait_until_healthy(proc, f"{url}/health", timeout, "prefect server", logfile)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         stop_process_group(proc)
+
+
+def wait_until_healthy(proc: subprocess.Popen, health_url: str, timeout: float, name: str, log: Path) -> None:
+    """Wait until ``health_url`` answers 200 (an HTTP error status counts as not yet). RuntimeError, naming the log,
+    when ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused, or an HTTP error status (urllib's HTTPError is an OSError)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not answer on {health_url} within {timeout:.0f} s; see {log}")
+        time.sleep(0.2)
 
 
 def die_with_parent() -> None:

@@ -47,10 +47,24 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def copy_project(dst, *, set_params=None, commit: bool = True):
+def update_params(root, updates, pipeline: str = "gmm2d") -> None:
+    """Update sections of ``conf/<pipeline>.yaml`` under ``root``: ``{"train": {"n_steps": 100}, ...}``."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(root) / "conf" / f"{pipeline}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for section, values in updates.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def copy_project(dst, *, set_params=None, params=None, commit: bool = True):
     """A copy of this repository's files (tracked and untracked, not ignored) at ``dst`` without ``dvc.lock`` and
-    ``metrics/`` (so every stage is stale), with ``set_params(dst)`` applied to its configs, committed to a fresh
-    git repository (DVC needs one). Returns ``dst``."""
+    ``metrics/`` (so every stage is stale), with ``params`` (``{pipeline: {section: {key: value}}}``, see
+    :func:`update_params`) and then ``set_params(dst)`` applied to its configs, committed to a fresh git repository
+    (DVC needs one). Returns ``dst``."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -70,6 +84,8 @@ def copy_project(dst, *, set_params=None, commit: bool = True):
     for stale in ("dvc.lock", "metrics"):
         p = dst / stale
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for pipeline, updates in (params or {}).items():
+        update_params(dst, updates, pipeline)
     if set_params is not None:
         set_params(dst)
     if commit:

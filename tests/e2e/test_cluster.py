@@ -35,25 +35,8 @@ PREPARE = {"n_train": 2000, "n_test": 400}
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, project_copier) -> Path:
-    def small(dst: Path) -> None:
-        path = dst / "conf" / "gmm2d.yaml"
-        raw = yaml.safe_load(path.read_text())
-        raw["prepare"].update(PREPARE)
-        raw["train"].update(TRAIN)
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-    return project_copier(tmp_path_factory.mktemp("cluster") / "repo", set_params=small)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(repo) -> Iterator[str]:
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)
-        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
-        with prefect_server(timeout=180) as url:
-            yield url
+    return project_copier(tmp_path_factory.mktemp("cluster") / "repo",
+                          params={"gmm2d": {"prepare": PREPARE, "train": TRAIN}})
 
 
 def _env(repo: Path, prefect_api: str | None = None, **extra: str) -> dict[str, str]:
@@ -149,11 +132,11 @@ def _train_run(repo: Path) -> tuple[dict, dict]:
     return run.data.tags, {"samples_per_s": rate, "run_id": run.info.run_id}
 
 
-def _weights(path: Path) -> dict:
+def _weights(path: Path, steps: int = TRAIN["n_steps"]) -> dict:
     import torch
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["step"] == TRAIN["n_steps"]
+    assert ckpt["step"] == steps
     return {f"{group}.{name}.{k}": v for group in ("modules", "raw_modules") for name, sd in ckpt.get(group, {}).items()
             for k, v in sd.items()}
 
@@ -285,3 +268,70 @@ def test_a_killed_worker_node_comes_back_and_training_ends_with_the_uninterrupte
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_and_ends_with_the_same_weights(
+        prepared, cluster, prefect_api):
+    """``STEIN_NUM_WORKERS=1-2``: two workers while both nodes are up; the worker node killed, Ray Train goes on
+    with the one worker that fits on the head (from the last checkpoint), and when `stein cluster up` brings the
+    node back it grows to two again (it looks for room every ``STEIN_ELASTIC_RESIZE_S`` seconds). Every rank takes
+    its slice of the one global batch of step t, so the weights equal a 1-worker run's up to the float32
+    reordering of the gradient sums (the bound of the 2-vs-1 test above). A longer training than the module's (8000
+    steps), so that it is still running when the node is back; its own config file, its own uninterrupted run."""
+    import torch
+
+    repo = prepared
+    raw = yaml.safe_load((repo / "conf" / "gmm2d.yaml").read_text())
+    # long enough that the single worker is still training when the node is back and Train has seen it
+    raw["train"].update(n_steps=8000, checkpoint_every=200, log_every=100)
+    conf = repo / "elastic.yaml"
+    conf.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    local = stein(repo, "stage", "train", "-c", str(conf), env=_env(repo, prefect_api, STEIN_NUM_WORKERS="1"))
+    assert local.returncode == 0
+    reference = _weights(repo / "models" / "gmm2d" / "model.pt", steps=8000)
+
+    worker = cluster.node("stein-worker-1")
+    env = _env(repo, prefect_api, STEIN_NUM_WORKERS="1-2", STEIN_ELASTIC_RESIZE_S="5",
+               RAY_ADDRESS=cluster.state["address"])
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", "-c", str(conf)], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    phase = "two"  # two workers -> (kill) -> one worker -> (node back) -> two workers again
+    try:
+        deadline = time.monotonic() + 1200
+        while proc.poll() is None or not lines.empty():
+            assert time.monotonic() < deadline, "training did not finish within 20 minutes"
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            step = re.search(r"\[train\] step (\d+)/", line)
+            if phase == "two" and step and int(step.group(1)) >= 200 and any("2 worker(s) on 2 Ray node(s)" in s for s in seen):
+                cluster.watch()
+                os.kill(cluster.node("stein-worker-1")["raylet_pid"], signal.SIGKILL)
+                psutil.wait_procs([psutil.Process(worker["pid"])], timeout=30)
+                phase = "killed"
+            elif phase == "killed" and "1 worker(s) on 1 Ray node(s)" in line:
+                phase = "one"
+            elif phase == "one" and step:  # the single worker trains: bring the node back
+                assert stein(repo, "cluster", "up").returncode == 0
+                cluster.watch()
+                phase = "back"
+            elif phase == "back" and "2 worker(s) on 2 Ray node(s)" in line:
+                phase = "grown"
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        print("".join(s for s in seen if "worker(s) on" in s or "resuming" in s or "Reporting" not in s)[-6000:])
+    assert proc.returncode == 0
+    assert phase == "grown", f"the worker group did not shrink and grow back (last phase: {phase})"
+    elastic = _weights(repo / "models" / "gmm2d" / "model.pt", steps=8000)
+    print("max |1 worker - elastic 2/1/2 workers|:", max(float((elastic[k] - v).abs().max()) for k, v in reference.items()))
+    for key, value in reference.items():
+        torch.testing.assert_close(elastic[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -21,12 +21,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_remote import clean_env, git, sh, tiny_gmm2d
+from test_remote import TINY, clean_env, git, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]  # minutes: a gmm2d run, then two experiments
 
@@ -90,18 +89,7 @@ def queue_states(root: Path, env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, project_copier) -> Path:
-    return project_copier(tmp_path_factory.mktemp("queue") / "repo", set_params=tiny_gmm2d)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(repo) -> Iterator[str]:
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)
-        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
-        with prefect_server() as url:
-            yield url
+    return project_copier(tmp_path_factory.mktemp("queue") / "repo", params={"gmm2d": TINY})
 
 
 def test_two_queued_experiments_run_in_parallel(repo, prefect_api):

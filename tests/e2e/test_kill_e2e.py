@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -36,25 +35,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, project_copier) -> Path:
-    def params(dst: Path) -> None:
-        path = dst / "conf" / "gmm2d.yaml"
-        raw = yaml.safe_load(path.read_text())
-        for section, values in PARAMS.items():
-            raw[section].update(values)
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-    return project_copier(tmp_path_factory.mktemp("kill") / "repo", set_params=params)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(repo) -> Iterator[str]:
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)
-        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
-        with prefect_server() as url:
-            yield url
+    return project_copier(tmp_path_factory.mktemp("kill") / "repo", params={"gmm2d": PARAMS})
 
 
 def _env(repo: Path, prefect_api: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,19 +92,6 @@ def repo(tmp_path_factory, project_copier) -> Path:
         _set_params(dst, TINY_DIGITS_MMD, "digits-mmd")
 
     return project_copier(tmp_path_factory.mktemp("e2e") / "repo", set_params=tiny)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(repo) -> Iterator[str]:
-    """The URL of one Prefect server for every `stein run` of this module, stopped (with its process group) when
-    the module is done. Its database lives in the copy's .stein/prefect, like the server `stein run` starts."""
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)  # always a server of our own, never one the caller points to
-        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
-        with prefect_server() as url:
-            yield url
 
 
 def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProcess:

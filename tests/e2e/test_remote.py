@@ -38,12 +38,6 @@ TINY = {
 }
 
 
-def tiny_gmm2d(root: Path) -> None:
-    path = root / "conf" / "gmm2d.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in TINY.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -132,7 +126,7 @@ def bucket_objects(s3_server):
 @pytest.fixture(scope="module")
 def clone_a(tmp_path_factory, project_copier, s3_server, bucket_objects) -> Path:
     """Clone A: the project with tiny gmm2d settings and the shared S3 remote committed as the default."""
-    root = project_copier(tmp_path_factory.mktemp("remote") / "A", set_params=tiny_gmm2d)
+    root = project_copier(tmp_path_factory.mktemp("remote") / "A", params={"gmm2d": TINY})
     env = clean_env()
     sh(root, "dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/{PREFIX}", env=env)
     sh(root, "dvc", "remote", "modify", "shared", "endpointurl", s3_server.endpoint, env=env)

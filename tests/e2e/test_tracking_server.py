@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 
@@ -51,12 +50,6 @@ TINY = {
 STAGES = ["gmm2d-evaluate", "gmm2d-prepare", "gmm2d-sample", "gmm2d-train"]
 
 
-def _tiny(root: Path) -> None:
-    path = root / "conf" / "gmm2d.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in TINY.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _free_port() -> int:
@@ -131,20 +124,7 @@ def auth_server(tmp_path_factory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, project_copier) -> Path:
-    return project_copier(tmp_path_factory.mktemp("tracking") / "repo", set_params=_tiny)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(repo) -> Iterator[str]:
-    """One Prefect server for every `stein run` here (its home in the copy's .stein/prefect), as in
-    tests/e2e/test_pipeline_e2e.py."""
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)
-        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
-        with prefect_server() as url:
-            yield url
+    return project_copier(tmp_path_factory.mktemp("tracking") / "repo", params={"gmm2d": TINY})
 
 
 def stein_run(repo: Path, prefect_api: str, tracking: str, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -203,7 +203,9 @@ def _kill_driver_after_a_checkpoint(project: Path, has_checkpoint, storage_arg: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["project", "s3"])
+# the project-folder case is heavy (tests/e2e/test_kill_e2e.py resumes from it through a killed `stein run`, also
+# heavy); the S3 case, in `make test`, proves the same resumption and the shared storage at once
+@pytest.mark.parametrize("where", [pytest.param("project", marks=pytest.mark.heavy), "s3"])
 def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request):
     """The whole training killed with SIGKILL after a checkpoint (driver, Ray, worker: as when ``stein run`` dies),
     then run again with the same inputs: it resumes from that run's last checkpoint (in the project's

@@ -25,13 +25,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"
@@ -46,7 +44,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> Iterator[str]:
     """A `prefect server start` with its scheduler on, on a free 127.0.0.1 port; its URL."""
-    from flows.local import stop_process_group
+    from flows.local import stop_process_group, wait_until_healthy
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
@@ -61,16 +59,10 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, f"prefect server exited with {proc.returncode}: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() - t0 < 120, f"prefect server silent after 120 s: {log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(proc, f"{url}/health", 120, "prefect server", log)
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
         print(f"prefect server (scheduler on) answered after {time.monotonic() - t0:.1f} s")
         yield url
     finally:
@@ -220,12 +212,6 @@ TINY = {
 }
 
 
-def _tiny(dst: Path) -> None:
-    path = dst / "conf" / "gmm2d.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in TINY.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _state_names(client, run_id) -> list[str]:
@@ -238,7 +224,7 @@ def _state_names(client, run_id) -> list[str]:
 def test_triggered_runs_go_through_stein_worker_one_at_a_time(prefect_api, tmp_path, project_copier):
     from flows.schedule import _children
 
-    repo = project_copier(tmp_path / "repo", set_params=_tiny)
+    repo = project_copier(tmp_path / "repo", params={"gmm2d": TINY})
     env = _env(prefect_api, tmp_path / "prefect-home")
     assert stein(repo, "schedule", "gmm2d", "--cron", "0 2 * * *", "--name", "e2e-gmm2d", env=env).returncode == 0
     log = open(tmp_path / "worker.log", "w")

@@ -137,7 +137,10 @@ def _mlflow_server_processes(port: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+# SIGKILL (the kernel's parent-death signal) is proven for the Prefect server in tests/stages/test_servers.py and
+# for `stein run` in tests/e2e/test_signals.py; here it is heavy, to keep `make test` under 15 minutes
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.heavy)],
+                         ids=["SIGTERM", "SIGKILL"])
 def test_stein_server_serves_the_project_store_and_stops_with_the_command(project, monkeypatch, sig):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], cwd=project,
