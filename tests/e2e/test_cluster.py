@@ -2,11 +2,13 @@
 on it through RAY_ADDRESS, as on a remote cluster: the two DDP workers run on different nodes and train what one
 worker trains with the same global batch; a worker node killed mid-training (its raylet) comes back with
 `stein cluster up`, Ray Train restarts the worker group from the last checkpoint, and the run ends with exactly the
-weights of the uninterrupted one. `stein cluster down` then leaves no process of the cluster.
+weights of the uninterrupted one; an elastic training (`STEIN_NUM_WORKERS=1-2`) shrinks to one worker when the node
+dies and grows back to two when it returns, with a 1-worker run's weights. `stein cluster down` then leaves no
+process of the cluster.
 
 The cluster is started once for the module. Everything runs through the real CLI in a copy of the repository with a
 small training (300 steps, a checkpoint every 50); the stages talk to one Prefect server of the module, as in
-tests/e2e/test_pipeline_e2e.py. About 8-10 minutes on a busy 2-core machine: heavy."""
+tests/e2e/test_pipeline_e2e.py. About 15-20 minutes on a busy 2-core machine (the elastic case alone 7.5): heavy."""
 
 from __future__ import annotations
 
