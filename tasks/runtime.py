@@ -167,9 +167,10 @@ def check_batch_split(cfg, settings: RuntimeSettings, config_file: str = "the tr
     if bad:
         from tasks.config import ConfigError
 
-        counts = settings.num_workers if settings.min_workers is None else f"{settings.min_workers}-{settings.num_workers}"
-        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of {bad[0]} (STEIN_NUM_WORKERS="
-                          f"{counts}): every worker takes an equal slice of the global batch")
+        which = (f"STEIN_NUM_WORKERS={bad[0]}" if settings.min_workers is None
+                 else f"{bad[0]} (STEIN_NUM_WORKERS={settings.workers_spec} may train on {bad[0]})")
+        raise ConfigError(config_file, "train.batch_size", f"{cfg.batch_size} is not a multiple of {which}: every "
+                          "worker takes an equal slice of the global batch")
 
 
 def configure_threads(threads: int) -> None:

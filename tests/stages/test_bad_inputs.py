@@ -187,6 +187,9 @@ def test_a_bad_upstream_config_fails_the_downstream_run_before_dvc(repo):
     ({"STEIN_NUM_WORKERS": "0"}, "key 'STEIN_NUM_WORKERS'"),
     ({"STEIN_NUM_WORKERS": "two"}, "key 'STEIN_NUM_WORKERS'"),
     ({"STEIN_NUM_WORKERS": "3"}, "conf/gmm2d.yaml: key 'train.batch_size': 256 is not a multiple of STEIN_NUM_WORKERS=3"),
+    ({"STEIN_NUM_WORKERS": "2-1"}, "key 'STEIN_NUM_WORKERS': MIN-MAX needs 1 <= MIN <= MAX (got '2-1')"),
+    ({"STEIN_NUM_WORKERS": "1-3"},  # elastic: every size in the range must split the batch
+     "key 'train.batch_size': 256 is not a multiple of 3 (STEIN_NUM_WORKERS=1-3 may train on 3)"),
 ])
 def test_bad_runtime_settings_exit_2_before_dvc(repo, env, fragment):
     before = snapshot(repo)

@@ -121,6 +121,7 @@ def test_the_run_name_follows_the_inputs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # Ray Train's own restart (FailureConfig); the node kill of tests/e2e/test_cluster.py is heavy too
 def test_a_killed_ray_train_worker_is_restarted_from_the_last_checkpoint(project, reference, capfd):
     """SIGKILL to the (only) Ray Train worker once a checkpoint exists: Train restarts the worker group, the new
     worker resumes from the checkpoint, and the final weights equal the uninterrupted run's."""
@@ -202,9 +203,9 @@ def _kill_driver_after_a_checkpoint(project: Path, has_checkpoint, storage_arg: 
                 pass
 
 
+# The S3 case runs in `make test` (the run named after its inputs, resumed from shared storage, removed there); the
+# project-folder case is heavy, like tests/e2e/test_kill_e2e.py, which resumes from it through a killed `stein run`
 @pytest.mark.slow
-# the project-folder case is heavy (tests/e2e/test_kill_e2e.py resumes from it through a killed `stein run`, also
-# heavy); the S3 case, in `make test`, proves the same resumption and the shared storage at once
 @pytest.mark.parametrize("where", [pytest.param("project", marks=pytest.mark.heavy), "s3"])
 def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request):
     """The whole training killed with SIGKILL after a checkpoint (driver, Ray, worker: as when ``stein run`` dies),

@@ -96,6 +96,8 @@ def test_a_local_ray_listens_on_loopback_only_and_requires_its_token(project):
         "family": "ncsn", "n_steps": 20, "batch_size": 32, "log_every": 10, "checkpoint_every": 20,
         "net": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "n_sigmas": 4,
     })
+    # servers other tests of the session started (the S3 server) are not the run's
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     watcher = _Watcher()
     watcher.start()
     try:
@@ -123,7 +125,7 @@ def test_a_local_ray_listens_on_loopback_only_and_requires_its_token(project):
     assert watcher.auth == {"none": 401, "wrong": 403, "session": 200}, watcher.error
 
     # Every server and worker of the run stops with it.
-    _, alive = psutil.wait_procs(list(watcher.procs.values()), timeout=30)
+    _, alive = psutil.wait_procs([p for pid, p in watcher.procs.items() if pid not in before], timeout=30)
     assert not alive, [p.pid for p in alive]
     assert watcher.session_dir
     left = [p.pid for p in psutil.process_iter(["cmdline"])
