@@ -203,10 +203,11 @@ def _kill_driver_after_a_checkpoint(project: Path, has_checkpoint, storage_arg: 
                 pass
 
 
-# The S3 case runs in `make test` (the run named after its inputs, resumed from shared storage, removed there); the
-# project-folder case is heavy, like tests/e2e/test_kill_e2e.py, which resumes from it through a killed `stein run`
+# heavy (`make test-all`; 70 s each), to keep `make test` near 15 minutes; `make test` checks the run name against
+# the inputs (above) and the exact resume of the loop (tests/stages/test_training.py)
 @pytest.mark.slow
-@pytest.mark.parametrize("where", [pytest.param("project", marks=pytest.mark.heavy), "s3"])
+@pytest.mark.heavy
+@pytest.mark.parametrize("where", ["project", "s3"])
 def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request):
     """The whole training killed with SIGKILL after a checkpoint (driver, Ray, worker: as when ``stein run`` dies),
     then run again with the same inputs: it resumes from that run's last checkpoint (in the project's
