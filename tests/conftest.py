@@ -124,13 +124,14 @@ class S3Server:
 def s3_server():
     """moto's S3 server, started once per test session on a free 127.0.0.1 port in its own process group and
     stopped by that group at the end."""
-    import signal
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
     from pathlib import Path
+
+    from flows.local import stop_process_group
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,9 +152,4 @@ def s3_server():
                 time.sleep(0.2)
         yield S3Server(endpoint)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=10)

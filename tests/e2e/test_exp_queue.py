@@ -81,8 +81,16 @@ def stop_pids(pids: set[int]) -> None:
 
 
 def queue_states(root: Path, env: dict[str, str]) -> dict[str, str]:
-    """Experiment name -> status (Queued, Running, Success, Failed) from `dvc queue status`."""
-    out = sh(root, "dvc", "queue", "status", env=env).stdout
+    """Experiment name -> status (Queued, Running, Success, Failed) from `dvc queue status`. DVC reads the queue's
+    message files while its workers write them: a read in between fails with "unexpected error - Expecting value"
+    (seen once in a poll); such a poll is retried, up to three times."""
+    for attempt in range(3):
+        proc = sh(root, "dvc", "queue", "status", env=env, check=False)
+        if proc.returncode == 0 or "Expecting value" not in proc.stderr or attempt == 2:
+            break
+        time.sleep(1)
+    assert proc.returncode == 0, f"dvc queue status exited {proc.returncode}: {proc.stderr[-2000:]}"
+    out = proc.stdout
     rows = re.findall(r"^\s*[0-9a-f]{7}\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", out, re.M)
     return dict(rows)
 

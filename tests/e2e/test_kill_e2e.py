@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from test_signals import _alive
 import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
@@ -50,17 +51,6 @@ def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProce
     print(proc.stdout[-3000:], proc.stderr[-4000:], sep="\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def kill_stein_run_when(repo: Path, prefect_api: str, ready, what: str) -> None:
