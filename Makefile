@@ -45,6 +45,7 @@ install-dev: $(VENV)/.installed-dev
 
 run: install
 	$(BIN)/stein run $(PIPELINE)
+	@echo "The commands (stein, dvc, prefect, mlflow) are in $(BIN)/: run \`source $(VENV)/bin/activate\` to use them by name."
 
 test: install-dev
 	$(BIN)/python -m pytest -m "not heavy"
