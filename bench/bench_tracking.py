@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -20,12 +19,6 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PASSWORD = "bench-admin-password-1"  # a throwaway server in a temporary folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _time_calls(client, experiment: str, artifact: Path, calls: int) -> dict[str, float]:
@@ -51,6 +44,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from flows.cli_server import tracking_server
+    from tasks.runtime import free_port
     from tasks.server import TrackingServer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,7 +61,7 @@ def main() -> None:
         _time_calls(client, exp, artifact, 5)  # warm-up: the schema is created on first use
         results["sqlite"] = _time_calls(client, exp, artifact, args.calls)
         for auth in (False, True):
-            spec = TrackingServer(d / ("auth" if auth else "plain"), _free_port(), auth=auth)
+            spec = TrackingServer(d / ("auth" if auth else "plain"), free_port(), auth=auth)
             env = dict(os.environ) | ({"MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD} if auth else {})
             with tracking_server(spec, env) as server:
                 if auth:

@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows.registry import get_pipeline
-from tasks.runtime import state_dir
+from tasks.runtime import free_port, state_dir
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -174,12 +173,6 @@ def project_lock(root: Path, holder: str = "`stein run`") -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def prefect_server(timeout: float = 90.0) -> Iterator[str]:
     """A Prefect API for the flows of one pipeline run.
@@ -194,7 +187,7 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
         return
     home = Path(os.environ.get("PREFECT_HOME") or state_dir() / "prefect")
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     logfile = home / "server.log"
     env = tool_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})

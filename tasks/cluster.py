@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError
-from tasks.runtime import OFFLINE_ENV, RuntimeSettings
+from tasks.runtime import OFFLINE_ENV, RuntimeSettings, free_port
 
 log = logging.getLogger("stein")
 
@@ -364,14 +364,6 @@ def _node_env(token_path: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _process(rec: dict[str, Any]):
     """The live process of a node record, or None (gone, or its PID now belongs to another process)."""
     import psutil
@@ -539,7 +531,7 @@ def cluster_up(root: Path, nodes: int | None, cpus_per_node: int | None, *, time
                 fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(secrets.token_hex(32))
-                port = _free_port()
+                port = free_port()
                 state = {"address": f"127.0.0.1:{port}", "port": port, "token_path": str(token_path),
                          "num_nodes": nodes, "cpus_per_node": cpus_per_node,
                          "object_store_bytes": _object_store_bytes(nodes), "started": time.time()}

@@ -124,7 +124,6 @@ class S3Server:
 def s3_server():
     """moto's S3 server, started once per test session on a free 127.0.0.1 port in its own process group and
     stopped by that group at the end."""
-    import socket
     import subprocess
     import sys
     import time
@@ -132,10 +131,9 @@ def s3_server():
     from pathlib import Path
 
     from flows.local import stop_process_group
+    from tasks.runtime import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

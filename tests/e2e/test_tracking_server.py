@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.runtime import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,12 +52,6 @@ TINY = {
 STAGES = ["gmm2d-evaluate", "gmm2d-prepare", "gmm2d-sample", "gmm2d-train"]
 
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -81,7 +77,7 @@ def stein_server(home: Path, *args: str, env: dict[str, str] | None = None) -> I
     """`stein server ARGS` for the project at ``home``, yielded once it prints its URL; stopped by SIGTERM to its
     process group (its own session), SIGKILL after 30 s."""
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port), *args], cwd=home,
                             env=_clean_env(STEIN_PROJECT_ROOT=str(home), PYTHONPATH=str(REPO), **(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -263,7 +259,7 @@ def test_a_restart_with_another_admin_password_exits_2(auth_server, tmp_path):
     """MLflow uses the admin password only when it creates the admin; `stein server --auth` checks that the one
     it was given works, so the credentials handed to the pipeline are never silently wrong."""
     home = auth_server.state.parent
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "server", "--auth", "--port", str(port)], cwd=home,
                           env=_clean_env(STEIN_PROJECT_ROOT=str(home), PYTHONPATH=str(REPO),
                                          MLFLOW_AUTH_ADMIN_PASSWORD=secrets.token_urlsafe(24)),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,14 +30,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.runtime import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     from flows.local import stop_process_group, wait_until_healthy
 
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
         "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
@@ -177,7 +172,7 @@ def test_the_servers_scheduler_creates_the_future_runs_of_a_cron_schedule(prefec
 def test_bad_schedule_input_exits_2_with_one_line(tmp_path):
     """Each is refused with one line on stderr and exit code 2; a bad cron, time zone or pipeline before any server
     is asked (none listens at the URL given here)."""
-    closed = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    closed = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     env = _env(closed, tmp_path)
     cases = [
         (("schedule",), "give exactly one of"),

@@ -19,16 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tasks.runtime import free_port
 from tasks.server import ADMIN_PASSWORD_ENV, SECRET_KEY_ENV, ServerSetupError, TrackingServer, check_admin_password
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "correct-horse-battery-staple"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli_env(**extra: str) -> dict[str, str]:
@@ -102,7 +97,7 @@ def test_an_unknown_default_permission_is_refused(tmp_path):
     (["--default-permission", "EDIT"], {}, "--default-permission EDIT needs --auth"),
 ], ids=["no-password", "short-password", "legacy-password", "permission-without-auth"])
 def test_bad_input_exits_2_with_one_line_and_starts_nothing(project, args, env, message):
-    port = _free_port()
+    port = free_port()
     proc = stein_server(project, *args, "--port", str(port), **env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -142,7 +137,7 @@ def _mlflow_server_processes(port: int) -> list[psutil.Process]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.heavy)],
                          ids=["SIGTERM", "SIGKILL"])
 def test_stein_server_serves_the_project_store_and_stops_with_the_command(project, monkeypatch, sig):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], cwd=project,
                             env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
