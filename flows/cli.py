@@ -6,7 +6,6 @@ up, so ``stein --help`` and a no-op ``stein run`` stay fast and Prefect sees the
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,22 +13,8 @@ from pathlib import Path
 import click
 
 from tasks.config import ConfigError
-from tasks.runtime import apply_offline_env, project_root
 
-EXIT_USAGE = 2
-
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def _setup() -> Path:
-    apply_offline_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return project_root()
+from flows.cli_common import EXIT_USAGE, _fail, _setup  # noqa: F401 - re-exported for the command modules
 
 
 def _validate(pipeline: str, root: Path, config: str | None = None, *, upstream: bool = False):
@@ -50,8 +35,9 @@ def main() -> None:
       stein run                 reproduce the default pipeline (gmm2d); a rerun with nothing changed is a no-op
       stein run --list          list the pipelines
       stein stage sample        run one stage directly (outside DVC's skip-if-unchanged)
+      stein runs                the recent pipeline runs: what differs between them, headline metrics
       stein compare ring8-agd ring8-mmd
-                                headline metrics and learning curves of pipelines side by side
+                                headline metrics and learning curves of pipelines (or runs) side by side
       stein ui                  browse and compare runs in the MLflow UI on 127.0.0.1
 
     Parameters live in conf/<pipeline>.yaml (tracked by DVC); runtime settings (Ray workers, GPUs, threads)
@@ -69,11 +55,14 @@ def main() -> None:
                    "them with `dvc pull`.")
 @click.option("--remote", metavar="NAME",
               help="The DVC remote --push writes to (default: the project's default remote, `dvc remote default`).")
-def run(pipeline: str, list_: bool, force: bool, push: bool, remote: str | None) -> None:
+@click.option("--name", "run_name", metavar="NAME",
+              help="Name of the MLflow pipeline run (default: '<pipeline> <short git commit> <date time>').")
+def run(pipeline: str, list_: bool, force: bool, push: bool, remote: str | None, run_name: str | None) -> None:
     """Reproduce PIPELINE through DVC (default: gmm2d), only the stages whose inputs changed.
 
     Starts a local Prefect server for the stages (unless PREFECT_API_URL is set), groups the stages' MLflow runs
-    under one pipeline run, and prints where the results are. With --push the outputs then go to a DVC remote
+    under one pipeline run (named after the commit and time, or --name; the config as params, the headline
+    metrics, plots and registered model version on it), and prints where the results are. With --push the outputs then go to a DVC remote
     (an S3 bucket shared by a team, say); a push that fails exits 1 with DVC's error, after the results are kept.
     """
     from flows.registry import PIPELINES
@@ -85,6 +74,8 @@ def run(pipeline: str, list_: bool, force: bool, push: bool, remote: str | None)
             upstream = f" (after {spec.upstream})" if spec.upstream else ""
             click.echo(f"{name:<{width}}  {spec.description}\n{'':<{width}}  stages: {stages}{upstream}")
         return
+    if run_name is not None and not run_name.strip():
+        _fail(ValueError("--name must not be empty"))
     if remote is not None and not push:
         _fail(ValueError(f"--remote {remote} needs --push (it names the DVC remote that --push uploads to)"))
     root = _setup()
@@ -98,7 +89,7 @@ def run(pipeline: str, list_: bool, force: bool, push: bool, remote: str | None)
     exit_on_termination()
     try:
         with project_lock(root):  # raises ProjectBusy on entry only
-            _reproduce(spec, pipeline, root, force, push=target)
+            _reproduce(spec, pipeline, root, force, push=target, run_name=run_name)
     except ProjectBusy as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -126,7 +117,8 @@ def _push_target(root: Path, remote: str | None) -> tuple[str, str]:
     return remote, remotes[remote]
 
 
-def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, str] | None = None) -> None:
+def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, str] | None = None,
+               run_name: str | None = None) -> None:
     """The body of ``stein run`` under the project lock: what is stale, the Prefect server, the pipeline flow, and
     with ``push`` (a remote's name and URL) the upload of the outputs afterwards."""
     from flows.local import prefect_server, stale_stages
@@ -138,8 +130,8 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
             _push(spec, pipeline, root, *push)
         _print_results(spec, root)
         return
-    if stale:
-        click.echo(f"Stages to run: {', '.join(stale)}")
+    if stale:  # DVC runs each, or restores its outputs from its run cache when it has them for these inputs
+        click.echo(f"Stale stages (changed inputs, or downstream of a change): {', '.join(stale)}")
     with prefect_server():
         from flows.pipeline import reproduce_flow
 
@@ -148,7 +140,7 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
         from flows.local import StageFailed
 
         try:
-            metrics = reproduce_flow(pipeline=pipeline, force=force)
+            result = reproduce_flow(pipeline=pipeline, force=force, run_name=run_name)
         except ConfigError as exc:
             _fail(exc)
         except StageFailed as exc:  # the failing stage's own error, as its last line
@@ -159,7 +151,14 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
             sys.exit(1)
         finally:
             APILogWorker.drain_all(timeout=5)  # ship the flow's last log lines while the server is still up
-    click.echo("Metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    ran = result["stages_run"]
+    restored = [st for st in stale or [] if st not in ran]
+    click.echo(f"Ran: {', '.join(ran) or 'no stage'}" + (f"; restored from DVC's run cache or unchanged: "
+                                                         f"{', '.join(restored)}" if restored else ""))
+    cached = " (cached: no stage ran, no new result)" if not ran else ""
+    model = f", model {result['model_version']}" if result["model_version"] else ""
+    click.echo(f"MLflow pipeline run {result['run_name']!r} ({result['run_id'][:8]}{model}){cached}")
+    click.echo("Metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
     if push:
         _push(spec, pipeline, root, *push)
     _print_results(spec, root)
@@ -399,73 +398,53 @@ def bench_ksd(n: int, d: int, repeats: int, naive: bool | None, device: str, as_
 
 
 @main.command()
-@click.argument("pipelines", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (runs, metrics, curves, figure) instead of the table.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the figure here (default plots/compare/<p1>_vs_<p2>.png).")
-def compare(pipelines: tuple[str, ...], as_json: bool, out: Path | None) -> None:
-    """Compare the latest runs of PIPELINES side by side (e.g. `stein compare ring8-agd ring8-mmd`).
-
-    Prints the headline metrics of each pipeline's latest finished pipeline run, one column per pipeline, with
-    the training rows (family, steps, seconds per epoch, final held-out MMD²) of the run that trained its model;
-    draws their held-out MMD² learning curves against epochs and training seconds. The numbers are read from the
-    MLflow store, so `stein ui` shows the same.
-    """
-    import json
-
-    root = _setup()
-    from flows.registry import get_pipeline
-    from tasks import compare as cmp
-    from tasks.tracking import tracking_uri
-
-    pipelines = tuple(dict.fromkeys(pipelines))
-    uri = tracking_uri(root)
-    try:
-        specs = [get_pipeline(p) for p in pipelines]
-        client = cmp.open_client(uri)
-        if client is None:
-            raise cmp.no_runs(pipelines[0], uri)
-        runs = [cmp.latest_runs(client, s.name, train_experiment=s.upstream) for s in specs]
-    except ConfigError as exc:
-        _fail(exc)
-    table = cmp.collect_table(runs)
-    curves = cmp.collect_curves(client, runs)
-    path = (out or cmp.figure_path(root, pipelines)).resolve()
-    drawn = cmp.plot_curves(curves, path, labels={p: cmp.curve_label(table, p) for p in pipelines})
-    if as_json:
-        click.echo(json.dumps(cmp.as_dict(table, curves, path if drawn else None)))
-        return
-    click.echo(cmp.format_table(table))
-    click.echo()
-    for col in table.columns:
-        if col.train_run_id is None:
-            click.echo(f"{col.pipeline}: no finished train run: training rows blank, no learning curve")
-        elif not col.train_is_child:
-            click.echo(f"{col.pipeline}: its latest pipeline run reused a model; training rows and curve from train run {col.train_run_id[:8]}")
-    no_curve = [p for p, c in curves.items() if c is None]
-    if no_curve:
-        click.echo(f"no held-out MMD² logged for {', '.join(no_curve)} (train.heldout_every is 0 or the family has no live model)")
-    if drawn:
-        click.echo(f"wrote {path.relative_to(root) if path.is_relative_to(root) else path}")
-    else:
-        click.echo("no learning curves to draw: no figure written")
-    click.echo(f"MLflow UI: `stein ui`, tick the experiments {', '.join(pipelines)}, select their latest "
-               "'pipeline ...' runs and click Compare (the curves are on the train child runs)")
-
-
-@main.command()
 @click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
-def ui(port: int) -> None:
-    """Open the MLflow UI on 127.0.0.1 to compare runs side by side."""
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server worker processes (MLflow's own default, 4, doubles the start-up time on a small machine).")
+def ui(port: int, workers: int) -> None:
+    """Open the MLflow UI on 127.0.0.1 to compare runs side by side.
+
+    \b
+    Each pipeline is an experiment; its table lists the pipeline runs (named '<pipeline> <commit> <time>', or
+    --name) with their stage runs folded under them. To compare: tick runs, then Compare; to see metrics and
+    params in the table: 'Columns', then tick them (the choice is kept per browser). `stein runs` prints the same
+    table in the terminal.
+    """
     root = _setup()
     from tasks.tracking import artifact_root, tracking_uri
 
     (root / ".stein").mkdir(exist_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", tracking_uri(root), "--default-artifact-root", artifact_root(root),
+        "--workers", str(workers), "--backend-store-uri", tracking_uri(root), "--default-artifact-root", artifact_root(root),
     ]
-    click.echo(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    # GenAI job runners (an extra process importing all of MLflow) do nothing for this project: off unless asked
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"MLflow UI on {base}  (Ctrl-C to stop; it takes a few seconds to start)")
+    _print_run_tables(root, base)
     os.execv(cmd[0], cmd)
+
+
+def _print_run_tables(root: Path, base: str) -> None:
+    """One link per pipeline that has runs: its run table, in the classic view, with the project's columns."""
+    import sqlite3
+
+    from flows.registry import PIPELINES
+    from tasks.runs import experiments_sqlite, sqlite_store
+    from tasks.tracking import run_table_url, tracking_uri
+
+    db = sqlite_store(tracking_uri(root))
+    try:
+        experiments = experiments_sqlite(db) if db is not None and db.is_file() else {}
+    except sqlite3.Error:
+        experiments = {}
+    mine = [p for p in PIPELINES if p in experiments]
+    if mine:
+        click.echo("Run tables (headline metrics and differing params as columns):")
+        width = max(map(len, mine))
+        for p in mine:
+            click.echo(f"  {p:<{width}}  {run_table_url(base, experiments[p])}")
 
 
 # Command groups kept in their own modules (each imports only click at module level: `stein --help` stays fast).
@@ -480,7 +459,18 @@ main.add_command(_server)
 from flows.cli_cluster import cluster as _cluster  # noqa: E402
 
 main.add_command(_cluster)
+from flows.cli_runs import compare as _compare, runs as _runs  # noqa: E402
+
+main.add_command(_runs)
+main.add_command(_compare)
 
 
 if __name__ == "__main__":
     main()
+
+
+# appended after the __main__ block: `stein status|exp` (the entry point); `python -m flows.cli` runs main() above first
+from flows.cli_exp import exp as _exp, status as _status  # noqa: E402
+
+main.add_command(_status)
+main.add_command(_exp)

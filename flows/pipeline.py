@@ -2,7 +2,9 @@
 
 DVC decides what is stale (content hashes of deps, params and outs); this flow only calls ``dvc repro`` on the
 pipeline's last stage, with ``STEIN_PARENT_RUN_ID`` set so each stage's MLflow run becomes a child of the
-pipeline run, and then logs the headline metrics on the pipeline run for side-by-side comparison. A Prefect
+pipeline run. The pipeline run is named ``<pipeline> <short commit> <time>`` (or as the caller chose) and carries
+the pipeline's config as flat params; afterwards it gets the headline metrics, the plots, the registered model
+version and, when no stage ran, the tag ``stein.cached=true`` (:func:`tasks.tracking.fill_pipeline_run`). A Prefect
 deployment that schedules this flow (``stein schedule``, :mod:`flows.schedule`) reproduces the pipeline with
 exactly the same semantics.
 
@@ -18,7 +20,6 @@ to ``project_lock_wait`` seconds for a ``stein run`` or a scheduled run of anoth
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 import time
@@ -32,7 +33,7 @@ from prefect.exceptions import MissingContextError
 from flows.local import STAGE_ERROR_ENV, ProjectBusy, StageFailed, dvc, project_lock, read_stage_error, tool_env
 from flows.registry import get_pipeline
 from tasks.runtime import project_root
-from tasks.tracking import PARENT_ENV, base_tags, experiment_id, setup_mlflow, tracking_uri
+from tasks.tracking import PARENT_ENV, create_pipeline_run, fill_pipeline_run, setup_mlflow, tracking_uri
 
 #: Waits between the tries of an I/O task (MLflow calls): three retries spread over about 45 s.
 IO_RETRY_DELAYS = [5, 10, 30]
@@ -68,25 +69,18 @@ def _client(root: Path):
 
 
 @_io_task("open-pipeline-run")
-def open_pipeline_run(pipeline: str, *, root: Path) -> str:
-    """Create the MLflow run the stages' runs become children of; returns its id."""
-    tags = base_tags(pipeline, root) | {"stein.kind": "pipeline"}
-    run = _client(root).create_run(experiment_id(pipeline, root), run_name=f"pipeline {pipeline}", tags=tags)
-    return run.info.run_id
+def open_pipeline_run(pipeline: str, config: dict, *, root: Path, name: str | None = None) -> str:
+    """Create the MLflow run the stages' runs become children of, with the config as params; returns its id."""
+    return create_pipeline_run(_client(root), pipeline, config=config, root=root, name=name)
 
 
-@_io_task("log-pipeline-metrics")
-def log_pipeline_metrics(run_id: str, metrics_file: Path, seconds: float, *, root: Path) -> dict[str, float]:
-    """Log the pipeline's headline metrics (its DVC metrics file) and its wall time on the pipeline run."""
-    metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items()}
-    client = _client(root)
-    now = int(time.time() * 1000)
-    from mlflow.entities import Metric
-
-    logged = metrics | {"pipeline_seconds": seconds}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()])
-    client.log_artifact(run_id, str(metrics_file))
-    return metrics
+@_io_task("fill-pipeline-run")
+def log_pipeline_results(run_id: str, spec, seconds: float, *, root: Path) -> dict:
+    """Log the pipeline's headline metrics (its DVC metrics file), wall time, plots and model version on the
+    pipeline run; returns them with the stages that ran."""
+    paths = spec.paths(root)
+    return fill_pipeline_run(_client(root), run_id, metrics_file=paths.metrics, plots_dir=paths.plots,
+                             model_name=paths.source, model_file=paths.model, seconds=seconds)
 
 
 @_io_task("close-pipeline-run")
@@ -126,26 +120,27 @@ def _project_exclusion(root: Path, wait: float | None, pipeline: str) -> Iterato
 
 
 @flow(name="reproduce-pipeline", log_prints=True)
-def reproduce_flow(pipeline: str = "gmm2d", force: bool = False,
-                   project_lock_wait: float | None = None) -> dict[str, float]:
-    """Reproduce ``pipeline`` with ``dvc repro`` and log its headline metrics on one MLflow pipeline run.
+def reproduce_flow(pipeline: str = "gmm2d", force: bool = False, project_lock_wait: float | None = None,
+                   run_name: str | None = None) -> dict:
+    """Reproduce ``pipeline`` with ``dvc repro`` and log its results on one MLflow pipeline run.
 
     ``project_lock_wait``: None when the caller holds the project lock (``stein run``); a number of seconds to
-    wait for it otherwise (a deployment's run: see :mod:`flows.schedule`)."""
+    wait for it otherwise (a deployment's run: see :mod:`flows.schedule`). ``run_name``: the pipeline run's name
+    (default ``<pipeline> <short commit> <time>``). Returns ``{"metrics", "stages_run", "model_version",
+    "run_id", "run_name"}``."""
     spec = get_pipeline(pipeline)
     root = project_root()
-    paths = spec.paths(root)
     with _project_exclusion(root, project_lock_wait, pipeline):
-        if project_lock_wait is not None:
-            spec.validate_all(root)  # `stein run` validated before it took the lock; bad input fails before DVC
-        run_id = open_pipeline_run(pipeline, root=root)
+        # a deployment's run validates here, so bad input fails before DVC; `stein run` validated before the lock
+        cfg = spec.validate_all(root) if project_lock_wait is not None else spec.load_config(root)
+        run_id = open_pipeline_run(pipeline, cfg.model_dump(), root=root, name=run_name)
         try:
             t0 = time.perf_counter()
             dvc_repro([spec.final_stage], root=root, parent_run_id=run_id, force=force)
-            metrics = log_pipeline_metrics(run_id, paths.metrics, time.perf_counter() - t0, root=root)
+            results = log_pipeline_results(run_id, spec, time.perf_counter() - t0, root=root)
         except BaseException:
             with contextlib.suppress(Exception):  # best effort and at once (no retries): the error is what matters
                 close_pipeline_run.fn(run_id, "FAILED", root=root)
             raise
         close_pipeline_run(run_id, "FINISHED", root=root)
-    return metrics
+    return results | {"run_id": run_id, "run_name": _client(root).get_run(run_id).info.run_name}

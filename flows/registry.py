@@ -8,6 +8,7 @@ dvc.yaml is what the registry generates). Each DVC stage ``<pipeline>-<stage>`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from collections.abc import Callable
@@ -237,21 +238,46 @@ def run_stage(
     """What every stage flow does around its task: resolve the stage, open its MLflow run (tagged with the MD5 of
     ``inputs`` and ``outputs``), call ``compute(ctx, run)``, log its numeric results and the wall time of the
     computation as ``compute_seconds`` (a ``compute_seconds`` in the results wins: train counts the workers'
-    loop), log ``artifacts`` as (file, artifact folder) pairs, and return the results with the run id."""
-    from tasks.tracking import stage_run
+    loop), log ``artifacts`` as (file, artifact folder) pairs, and return the results with the run id.
+
+    The stage that reads the train section registers the model it wrote (registered model ``<pipeline>``: see
+    :func:`tasks.tracking.register_model`; the stage flow logs the file under ``model/``). Under ``dvc exp run``
+    the stage's run is a child of its DVC experiment's pipeline run (:func:`tasks.tracking.experiment_group_run`),
+    which the pipeline's last stage fills like ``stein run`` does."""
+    from tasks.tracking import (
+        experiment_group_run, fill_pipeline_run, register_model, setup_mlflow, stage_run,
+    )
 
     ctx = load_stage(pipeline, config, stage)
-    with stage_run(
-        pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(ctx), outputs=outputs(ctx),
-    ) as run:
-        import mlflow
+    client = setup_mlflow(ctx.root).MlflowClient()
+    group = experiment_group_run(client, pipeline, config=ctx.cfg.model_dump(), root=ctx.root)
+    try:
+        with stage_run(
+            pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(ctx), outputs=outputs(ctx),
+            **({"parent_run_id": group} if group else {}),
+        ) as run:
+            import mlflow
 
-        t0 = time.perf_counter()
-        info = compute(ctx, run)
-        numeric = {k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics({"compute_seconds": time.perf_counter() - t0} | numeric)
-        for path, folder in artifacts(ctx):
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            t0 = time.perf_counter()
+            info = compute(ctx, run)
+            numeric = {k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            mlflow.log_metrics({"compute_seconds": time.perf_counter() - t0} | numeric)
+            for path, folder in artifacts(ctx):
+                mlflow.log_artifact(str(path), artifact_path=folder)
+            if ctx.stage.section == "train":
+                register_model(client, run.info.run_id, pipeline, ctx.paths.model)
+        if group and ctx.spec.final_stage == ctx.spec.dvc_stage(stage):
+            started = client.get_run(group).info.start_time
+            fill_pipeline_run(client, group, metrics_file=ctx.paths.metrics, plots_dir=ctx.paths.plots,
+                              model_name=ctx.paths.source, model_file=ctx.paths.model,
+                              seconds=time.time() - started / 1000)
+    except BaseException:
+        if group:
+            with contextlib.suppress(Exception):  # the stage's error is what matters
+                client.set_terminated(group, "FAILED")
+        raise
+    if group:
+        client.set_terminated(group, "FINISHED")
     return info | {"mlflow_run_id": run.info.run_id}
 
 

@@ -1,4 +1,5 @@
-"""``stein compare``: the latest runs of several pipelines side by side, read back from MLflow.
+"""``stein compare``: pipeline runs side by side (the latest of each pipeline named, or runs named by id or name),
+read back from MLflow.
 
 Everything here reads what the pipeline already logged, so the MLflow UI's compare view shows the same numbers:
 
@@ -45,6 +46,11 @@ class PipelineRuns:
     pipeline: str
     run: Any  # mlflow.entities.Run
     train: Any | None
+    label: str | None = None  # the column's name (default: the pipeline's)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.pipeline
 
     @property
     def train_is_child(self) -> bool:
@@ -67,6 +73,7 @@ class Curve:
 
 @dataclass(frozen=True)
 class Column:
+    label: str  # the column's name: the pipeline, or the run's name when runs are compared
     pipeline: str
     run_id: str
     train_run_id: str | None
@@ -78,7 +85,7 @@ class Column:
 
     @property
     def header(self) -> str:
-        """``<short commit>[-dirty] <start time>``: the line under the pipeline's name."""
+        """``<short commit>[-dirty] <start time>``: the line under the column's name."""
         commit = self.git_commit[:7] + ("-dirty" if self.git_dirty else "")
         return f"{commit} {self.start_time:%Y-%m-%d %H:%M}"
 
@@ -90,8 +97,8 @@ class Table:
     keys: tuple[str, ...]
     columns: tuple[Column, ...]
 
-    def cell(self, key: str, pipeline: str) -> float | str | None:
-        col = next(c for c in self.columns if c.pipeline == pipeline)
+    def cell(self, key: str, label: str) -> float | str | None:
+        col = next(c for c in self.columns if c.label == label)
         return col.values.get(key)
 
 
@@ -132,13 +139,50 @@ def latest_runs(client, pipeline: str, *, train_experiment: str | None = None) -
     run = _latest(client, [exp.experiment_id] if exp else [], "tags.`stein.kind` = 'pipeline'")
     if run is None:
         raise no_runs(pipeline, client.tracking_uri)
+    return runs_of(client, run, pipeline=pipeline, train_experiment=train_experiment)
+
+
+def runs_of(client, run, *, pipeline: str, train_experiment: str | None = None, label: str | None = None) -> PipelineRuns:
+    """A pipeline run and the train run of the model it evaluated: its train child, or else (it reran only sample
+    and evaluate) the latest finished train run that started before it."""
+    exp = client.get_experiment(run.info.experiment_id)
     train_exp = client.get_experiment_by_name(train_experiment) if train_experiment else exp
     search = list(dict.fromkeys(e.experiment_id for e in (exp, train_exp) if e is not None))
     train = _latest(client, search, f"tags.`stein.stage` = 'train' and tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     if train is None:  # this pipeline run reused a model trained before it started
         where = f"tags.`stein.stage` = 'train' and attributes.start_time <= {run.info.start_time}"
         train = _latest(client, [train_exp.experiment_id] if train_exp else [], where)
-    return PipelineRuns(pipeline, run, train)
+    return PipelineRuns(pipeline, run, train, label)
+
+
+def find_pipeline_run(client, ref: str, experiment_ids: Sequence[str], *, pipelines: Sequence[str] = ()):
+    """The pipeline run that ``ref`` names, in ``experiment_ids``: its full id, a unique prefix of at least 6
+    characters of its id, or its exact name (the newest run of that name). A stage run's id names its pipeline
+    run. Raises ConfigError when nothing, or more than one run, matches (``pipelines``: the known pipelines, named
+    in the message)."""
+    from mlflow.exceptions import MlflowException
+
+    if len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref):
+        try:
+            run = client.get_run(ref)
+        except MlflowException:
+            run = None
+        if run is not None:
+            parent = run.data.tags.get("stein.pipeline_run_id")
+            return client.get_run(parent) if parent and run.data.tags.get("stein.kind") != "pipeline" else run
+    runs = client.search_runs(list(experiment_ids), filter_string="tags.`stein.kind` = 'pipeline'",
+                              order_by=["attributes.start_time DESC"], max_results=50_000)
+    by_name = [r for r in runs if r.info.run_name == ref]
+    if by_name:
+        return by_name[0]
+    by_id = [r for r in runs if len(ref) >= 6 and r.info.run_id.startswith(ref)]
+    if len(by_id) == 1:
+        return by_id[0]
+    if by_id:
+        raise ConfigError("command line", "RUN", f"{len(by_id)} pipeline runs have ids starting with {ref!r}: give "
+                          "more characters (`stein runs` lists them)")
+    raise ConfigError("command line", "RUN", f"unknown pipeline {ref!r} (known: {', '.join(pipelines)}), and no "
+                      "pipeline run has that name or id (at least 6 characters of it; `stein runs` lists them)")
 
 
 # ----------------------------------------------------------------------------------------------------- table
@@ -173,7 +217,7 @@ def collect_table(runs: Sequence[PipelineRuns]) -> Table:
         values |= r.run.data.metrics
         tags = r.run.data.tags
         columns.append(Column(
-            pipeline=r.pipeline, run_id=r.run.info.run_id,
+            label=r.name, pipeline=r.pipeline, run_id=r.run.info.run_id,
             train_run_id=r.train.info.run_id if r.train is not None else None, train_is_child=r.train_is_child,
             git_commit=tags.get("stein.git_commit", "unknown"), git_dirty=tags.get("stein.git_dirty") == "true",
             start_time=dt.datetime.fromtimestamp(r.run.info.start_time / 1000),
@@ -198,12 +242,12 @@ def format_table(table: Table) -> str:
     name and a ``<commit> <start time>`` line."""
     cells = [[format_value(c.values.get(k)) for c in table.columns] for k in table.keys]
     label = max([len(k) for k in table.keys] + [0])
-    widths = [max([len(c.pipeline), len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(table.columns)]
+    widths = [max([len(c.label), len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(table.columns)]
 
     def line(first: str, items: Sequence[str]) -> str:
         return (f"{first:<{label}}" + "".join(f"   {s:>{w}}" for s, w in zip(items, widths))).rstrip()
 
-    out = [line("", [c.pipeline for c in table.columns]), line("", [c.header for c in table.columns])]
+    out = [line("", [c.label for c in table.columns]), line("", [c.header for c in table.columns])]
     out += [line(k, row) for k, row in zip(table.keys, cells)]
     return "\n".join(out)
 
@@ -227,11 +271,13 @@ def learning_curve(client, run_id: str) -> Curve | None:
 
 
 def collect_curves(client, runs: Sequence[PipelineRuns]) -> dict[str, Curve | None]:
-    return {r.pipeline: learning_curve(client, r.train.info.run_id) if r.train is not None else None for r in runs}
+    return {r.name: learning_curve(client, r.train.info.run_id) if r.train is not None else None for r in runs}
 
 
-def figure_path(root: Path, pipelines: Sequence[str]) -> Path:
-    return root / "plots" / "compare" / ("_vs_".join(pipelines) + ".png")
+def figure_path(root: Path, labels: Sequence[str]) -> Path:
+    """``plots/compare/<label1>_vs_<label2>.png``, with characters other than letters, digits, ``.-_`` as ``-``."""
+    safe = ["".join(ch if ch.isalnum() or ch in ".-_" else "-" for ch in label) for label in labels]
+    return root / "plots" / "compare" / ("_vs_".join(safe) + ".png")
 
 
 def plot_curves(curves: Mapping[str, Curve | None], path: Path, *, labels: Mapping[str, str] | None = None) -> bool:
@@ -271,30 +317,31 @@ def plot_curves(curves: Mapping[str, Curve | None], path: Path, *, labels: Mappi
     return True
 
 
-def curve_label(table: Table, pipeline: str) -> str:
+def curve_label(table: Table, label: str) -> str:
     """``ring8-agd (agd, 3000 steps)``: a legend entry that says what was trained."""
-    family, steps = table.cell("family", pipeline), table.cell("steps", pipeline)
+    family, steps = table.cell("family", label), table.cell("steps", label)
     details = ", ".join(s for s in (family, f"{format_value(steps)} steps" if steps is not None else None) if s)
-    return f"{pipeline} ({details})" if details else pipeline
+    return f"{label} ({details})" if details else label
 
 
 # ------------------------------------------------------------------------------------------------------ output
 
 
 def as_dict(table: Table, curves: Mapping[str, Curve | None], figure: Path | None) -> dict[str, Any]:
-    """Everything ``stein compare --json`` prints: the run ids, the table as {pipeline: {key: value}} (keys
-    absent where a pipeline lacks them), the row order, the curves and the figure's path (None when not drawn)."""
+    """Everything ``stein compare --json`` prints, keyed by column (the pipeline's name, or the run's name when
+    runs are compared): the run ids, the table as {column: {key: value}} (keys absent where a column lacks them),
+    the row order, the curves and the figure's path (None when not drawn)."""
     return {
-        "pipelines": [c.pipeline for c in table.columns],
+        "pipelines": [c.label for c in table.columns],
         "rows": list(table.keys),
         "runs": {
-            c.pipeline: {
-                "run_id": c.run_id, "train_run_id": c.train_run_id, "train_is_child": c.train_is_child,
+            c.label: {
+                "pipeline": c.pipeline, "run_id": c.run_id, "train_run_id": c.train_run_id, "train_is_child": c.train_is_child,
                 "git_commit": c.git_commit, "git_dirty": c.git_dirty, "start_time": c.start_time.isoformat(),
             }
             for c in table.columns
         },
-        "metrics": {c.pipeline: dict(c.values) for c in table.columns},
+        "metrics": {c.label: dict(c.values) for c in table.columns},
         "curves": {p: c.as_dict() if c is not None else None for p, c in curves.items()},
         "figure": str(figure) if figure is not None else None,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,20 +161,62 @@ def test_pipeline_end_to_end(repo, prefect_api):
     history = client.get_metric_history(eval_run.info.run_id, "checkpoint/mmd")  # MLflow plots it against the step
     assert sorted(m.step for m in history) == [100, 150]
 
+    # 2b. the pipeline run explains itself: named after the commit, the whole config as flat params, the plots,
+    # the stages that ran, the registered model it evaluated; the experiment opens in the UI's classic view
+    assert re.fullmatch(rf"gmm2d {head[:7]} \d{{4}}-\d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    conf = yaml.safe_load((repo / "conf/gmm2d.yaml").read_text())
+    flat = {f"{section}.{k}": v for section, values in conf.items() for k, v in values.items() if not isinstance(v, dict)}
+    for key, value in flat.items():
+        assert parent.data.params[key] == str(value), key
+    assert parent.data.params["evaluate.checkpoints.sampler"] == "sample"  # nested sections flatten with dots
+    pngs = sorted(p.name for p in (repo / "plots/gmm2d").glob("*.png"))
+    assert pngs and sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")) == pngs
+    assert parent.data.tags["stein.cached"] == "false"
+    assert parent.data.tags["stein.stages_run"] == "gmm2d-prepare,gmm2d-train,gmm2d-sample,gmm2d-evaluate"
+    assert client.get_experiment_by_name("gmm2d").tags["mlflow.experimentKind"] == "custom_model_development"
+    # the model registry: version 1 of "gmm2d" is this train run's model, byte for byte, and loads without pickles
+    (version,) = client.search_model_versions("name = 'gmm2d'")
+    assert int(version.version) == 1 and version.run_id == train_run.info.run_id
+    assert version.tags["model_md5"] == md5(repo / "models/gmm2d/model.pt")
+    assert parent.data.tags["stein.model"] == "gmm2d/1" and train_run.data.tags["stein.model"] == "gmm2d/1"
+    import torch
+
+    from tasks.families import load_model
+    from tasks.tracking import load_registered_model
+
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    registered, local = load_registered_model("gmm2d", 1, root=repo), load_model(repo / "models/gmm2d/model.pt")
+    assert torch.equal(registered.score(x), local.score(x))
+
     # 3. nothing changed: the rerun is a no-op and creates no run
     again = stein(repo, "run", prefect_api=prefect_api)
     assert again.returncode == 0 and "up to date" in again.stdout
     assert len(runs(repo)[1]) == len(all_runs)
 
-    # 4. a sampling parameter changed: only sample and evaluate rerun
+    # 4. a sampling parameter changed: only sample and evaluate rerun, in a pipeline run named by the user that
+    # carries the new value and links the same model version; `stein runs` shows the two runs and what differs
     data_md5, model_md5 = md5(repo / "data/gmm2d/train.parquet"), md5(repo / "models/gmm2d/model.pt")
-    _set_params(repo, {"sample": {"n_steps_each": 12}})
-    third = stein(repo, "run", prefect_api=prefect_api)
+    old_eps = conf["sample"]["eps"]
+    _set_params(repo, {"sample": {"eps": old_eps / 2}})
+    third = stein(repo, "run", "--name", "eps-small", prefect_api=prefect_api)
     assert third.returncode == 0
+    assert "Ran: gmm2d-sample, gmm2d-evaluate\n" in third.stdout and "'eps-small'" in third.stdout
     _, after = runs(repo)
     new = [r for r in after if r.info.run_id not in {x.info.run_id for x in all_runs}]
     assert sorted(r.data.tags.get("stein.stage", "pipeline") for r in new) == ["evaluate", "pipeline", "sample"]
     assert md5(repo / "data/gmm2d/train.parquet") == data_md5 and md5(repo / "models/gmm2d/model.pt") == model_md5
+    second = next(r for r in new if r.data.tags.get("stein.kind") == "pipeline")
+    assert second.info.run_name == "eps-small" and second.data.tags["stein.model"] == "gmm2d/1"
+    assert float(second.data.params["sample.eps"]) == old_eps / 2 and float(parent.data.params["sample.eps"]) == old_eps
+    listed = stein(repo, "runs", "gmm2d", "--json", prefect_api=prefect_api)
+    assert listed.returncode == 0
+    table = json.loads(listed.stdout)
+    assert [r["name"] for r in table["runs"]] == ["eps-small", parent.info.run_name]  # newest first
+    assert table["differing_params"] == {"gmm2d": ["sample.eps"]}
+    assert [float(r["params"]["sample.eps"]) for r in table["runs"]] == [old_eps / 2, old_eps]
+    assert table["runs"][0]["metrics"]["ksd"] == pytest.approx(second.data.metrics["ksd"])
+    text = stein(repo, "runs", "gmm2d", prefect_api=prefect_api).stdout
+    assert "sample.eps" in text and "eps-small" in text and "train.lr" not in text  # only what differs
 
     # 5. a bad config: exit 2, file and key named, no output touched, no run created
     samples_md5 = md5(repo / "samples/gmm2d/samples.parquet")
@@ -192,7 +235,8 @@ def test_blindness_pipeline_reuses_the_gmm2d_model(repo, prefect_api):
     model_md5 = md5(repo / "models/gmm2d/model.pt")
     proc = stein(repo, "run", "gmm2d-blindness", prefect_api=prefect_api)
     assert proc.returncode == 0
-    assert "Stages to run: gmm2d-blindness-evaluate, gmm2d-blindness-sample-annealed, gmm2d-blindness-sample-langevin\n" in proc.stdout
+    ran = next(ln for ln in proc.stdout.splitlines() if ln.startswith("Ran: ")).removeprefix("Ran: ").split(", ")
+    assert sorted(ran) == ["gmm2d-blindness-evaluate", "gmm2d-blindness-sample-annealed", "gmm2d-blindness-sample-langevin"]
     assert md5(repo / "models/gmm2d/model.pt") == model_md5
     metrics = json.loads((repo / "metrics" / "gmm2d-blindness.json").read_text())
     for key in ("weight_error_annealed", "weight_error_langevin", "ksd_annealed", "mmd_langevin"):

@@ -211,3 +211,34 @@ def test_no_store_yet_exits_2_and_creates_none(project):
     result = CliRunner().invoke(main, ["compare", "ring8-agd", "ring8-mmd"])
     assert result.exit_code == 2 and "`stein run ring8-agd` first" in result.output
     assert not (project / ".stein" / "mlflow.db").exists() and not (project / "plots").exists()
+
+
+def test_compare_runs_named_by_id_or_name(store):
+    """Two runs of one pipeline side by side, named by id prefix: each column is that run (not the latest), with
+    its own train child's curve; the same name twice is told apart by the run id. A stage run's id stands for its
+    pipeline run; an ambiguous or unknown reference exits 2."""
+    root, client, ids = store
+    runner = CliRunner()
+    out = root / "two.png"
+    result = runner.invoke(main, ["compare", ids["agd_old"][:8], ids["agd"], "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    labels = [f"pipeline ring8-agd {ids['agd_old'][:6]}", f"pipeline ring8-agd {ids['agd'][:6]}"]
+    assert data["pipelines"] == labels
+    assert [data["runs"][k]["run_id"] for k in labels] == [ids["agd_old"], ids["agd"]]
+    assert data["metrics"][labels[0]]["mmd"] == pytest.approx(AGD_OLD["mmd"])
+    assert data["metrics"][labels[1]]["mmd"] == pytest.approx(AGD["mmd"])
+    epoch = HELDOUT_EVERY / STEPS_PER_EPOCH
+    assert data["curves"][labels[0]]["mmd_heldout"][0] == pytest.approx(0.5 / epoch**2)  # the old run's own train
+    assert data["curves"][labels[1]]["mmd_heldout"][0] == pytest.approx(0.05 / epoch**2)
+    assert out.stat().st_size > 10_000
+
+    train_child = client.search_runs([client.get_experiment_by_name("ring8-mmd").experiment_id],
+                                     filter_string=f"tags.`mlflow.parentRunId` = '{ids['mmd_old']}' and tags.`stein.stage` = 'train'")[0]
+    mixed = runner.invoke(main, ["compare", train_child.info.run_id, "ring8-agd", "--json", "--out", str(out)])
+    assert mixed.exit_code == 0, mixed.output
+    assert json.loads(mixed.output)["runs"]["pipeline ring8-mmd"]["run_id"] == ids["mmd_old"]
+
+    for ref in ("zzzzzz", "pipeline ring8-xyz"):
+        bad = runner.invoke(main, ["compare", ref, "ring8-agd"])
+        assert bad.exit_code == 2 and "no pipeline run has that name or id" in bad.output
