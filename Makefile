@@ -39,9 +39,16 @@ $(VENV)/.installed-dev: requirements-dev.lock $(VENV)/.installed
 	$(BIN)/python -m pip install -q -r requirements-dev.lock
 	touch $@
 
-install: $(VENV)/.installed
+# The venv hook: a .pth file in the venv's site-packages that puts $(BIN) first on PATH and turns telemetry off in
+# every program started from the venv's Python, so that `.venv/bin/dvc` runs the stages' `python` from the venv
+# without `source .venv/bin/activate` (tasks/venv_hook.py). Its own stamp: an existing venv gets it too.
+$(VENV)/.hook: tasks/venv_hook.py $(VENV)/.installed
+	$(BIN)/python -m tasks.venv_hook
+	touch $@
 
-install-dev: $(VENV)/.installed-dev
+install: $(VENV)/.installed $(VENV)/.hook
+
+install-dev: $(VENV)/.installed-dev $(VENV)/.hook
 
 run: install
 	$(BIN)/stein run $(PIPELINE)

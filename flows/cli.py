@@ -463,14 +463,11 @@ from flows.cli_runs import compare as _compare, runs as _runs  # noqa: E402
 
 main.add_command(_runs)
 main.add_command(_compare)
-
-
-if __name__ == "__main__":
-    main()
-
-
-# appended after the __main__ block: `stein status|exp` (the entry point); `python -m flows.cli` runs main() above first
 from flows.cli_exp import exp as _exp, status as _status  # noqa: E402
 
 main.add_command(_status)
 main.add_command(_exp)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,15 +15,14 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.venv_hook import TELEMETRY_OFF
+
 log = logging.getLogger("stein")
 
-#: Environment that keeps every tool offline and quiet. Applied with ``setdefault``: a user's value wins.
+#: Environment that keeps every tool offline and quiet. Applied with ``setdefault``: a user's value wins. The
+#: telemetry switches come from the venv hook, which sets them in every program of the venv (tasks/venv_hook.py).
 OFFLINE_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    **TELEMETRY_OFF,
     "PREFECT_UI_ENABLED": "false",
     # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s of idle time
     # at the start and end of every fit on a small job; 0.5 s costs nothing measurable.
