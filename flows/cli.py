@@ -200,7 +200,7 @@ def _print_results(spec, root: Path) -> None:
 
     uri = tracking_uri(root)
     if uri.startswith("sqlite:"):
-        click.echo("  runs      MLflow store .stein/mlflow.db: `stein ui` opens it on http://127.0.0.1:5000")
+        click.echo(f"  runs      MLflow store .stein/mlflow.db: `stein runs {spec.name}` lists them, `stein ui` shows them")
     else:
         click.echo(f"  runs      MLflow at {uri}")
 
