@@ -46,9 +46,12 @@ $(VENV)/.hook: tasks/venv_hook.py $(VENV)/.installed
 	$(BIN)/python -m tasks.venv_hook
 	touch $@
 
+# `dvc plots show`'s offline page (.dvc/tmp/, git-ignored; .dvc/config names it): written when missing or stale.
 install: $(VENV)/.installed $(VENV)/.hook
+	@$(BIN)/python -m tasks.offline_plots > /dev/null
 
 install-dev: $(VENV)/.installed-dev $(VENV)/.hook
+	@$(BIN)/python -m tasks.offline_plots > /dev/null
 
 run: install
 	$(BIN)/stein run $(PIPELINE)

@@ -199,12 +199,21 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
             [str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
+    ui_url = os.environ.get("PREFECT_UI_URL")
     try:
         wait_until_healthy(proc, f"{url}/health", timeout, "prefect server", logfile)
         os.environ["PREFECT_API_URL"] = url
+        # This server has no UI and stops with the run: an empty UI URL keeps Prefect from printing "View at
+        # http://127.0.0.1:PORT/runs/flow-run/..." links that lead nowhere (Prefect's url_for gives None without a
+        # base URL). A server named by the user's PREFECT_API_URL (above) keeps its links.
+        os.environ["PREFECT_UI_URL"] = ""
         yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        if ui_url is None:
+            os.environ.pop("PREFECT_UI_URL", None)
+        else:
+            os.environ["PREFECT_UI_URL"] = ui_url
         stop_process_group(proc)
 
 

@@ -36,7 +36,10 @@ def ray_runtime_env(settings: RuntimeSettings, root: Path, threads: int) -> dict
     if settings.resolved_ray_address():
         mlflow_env += ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"]
     env |= {k: os.environ[k] for k in mlflow_env if os.environ.get(k)}
-    runtime_env: dict[str, Any] = {"env_vars": env}
+    # tasks.ray_worker.setup runs first in every worker: RAY_ADDRESS set to the worker's own cluster (Train's
+    # placement-group cleaner would otherwise fail on "multiple active Ray instances" when another Ray runs on the
+    # machine) and Train V2's per-report INFO lines kept below WARNING (see that module).
+    runtime_env: dict[str, Any] = {"env_vars": env, "worker_process_setup_hook": "tasks.ray_worker.setup"}
     if settings.ray_ship_code:
         runtime_env["working_dir"] = str(root)
         runtime_env["excludes"] = [".venv", ".stein", ".git", ".dvc/cache", "data", "models", "samples", "plots"]
@@ -661,6 +664,9 @@ def _node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-file", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from tasks.runtime import apply_offline_env
+
+    apply_offline_env()  # an entry point of its own: telemetry off before Ray is imported, however it is started
 
     from ray._private import ray_constants
     from ray._private.node import Node

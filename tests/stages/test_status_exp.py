@@ -357,6 +357,21 @@ def test_dvc_exp_run_without_the_venv_on_path(real_repo, prefect_api):
     assert exps["eps-plain"]["params"]["conf/gmm2d.yaml"]["data"]["sample"]["eps"] == 0.001
     assert "mmd" in exps["eps-plain"]["metrics"]["metrics/gmm2d.json"]["data"]
 
+    # MLflow: the experiment's stages are children of one pipeline run named after the DVC experiment, which
+    # carries the new param and the experiment's metrics, and is FINISHED
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("gmm2d").experiment_id], max_results=100)
+    (group,) = [r for r in runs if r.data.tags.get("stein.dvc_exp") == "eps-plain"]
+    assert group.info.run_name == "gmm2d eps-plain" and group.info.status == "FINISHED"
+    assert group.data.tags["stein.kind"] == "pipeline" and float(group.data.params["sample.eps"]) == 1e-3
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id]
+    assert sorted(r.data.tags["stein.dvc_stage"] for r in children) == ["gmm2d-evaluate", "gmm2d-sample"]
+    assert group.data.tags["stein.stages_run"] == "gmm2d-sample,gmm2d-evaluate"
+    assert group.data.metrics["mmd"] == pytest.approx(exps["eps-plain"]["metrics"]["metrics/gmm2d.json"]["data"]["mmd"])
+    assert all("mlflow.parentRunId" in r.data.tags or r.data.tags.get("stein.kind") == "pipeline" for r in runs)
+
 
 
 @pytest.mark.e2e
