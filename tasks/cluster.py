@@ -6,6 +6,7 @@ Wiring, not computation: like :mod:`tasks.runtime` this module is not a DVC depe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -60,6 +61,20 @@ def _loopback_interface() -> str | None:
                  if any(a.address == "127.0.0.1" for a in addrs)), None)
 
 
+@contextlib.contextmanager
+def _driver_logging_kept() -> Iterator[None]:
+    """Keep this process's root logger (level and handlers) through ``ray.init``: Ray applies the
+    ``logging_config`` given for its workers to the driver's root logger too, which silenced the stage's own INFO
+    lines once Ray had started."""
+    root_logger = logging.getLogger()
+    level, handlers = root_logger.level, list(root_logger.handlers)
+    try:
+        yield
+    finally:
+        root_logger.setLevel(level)
+        root_logger.handlers[:] = handlers
+
+
 def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
     """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine. Returns True if started here
     (the caller then shuts it down).
@@ -95,7 +110,8 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
             # no dashboard there either: Ray's own worker logs kept to errors, as for a local Ray (below)
             extra["logging_config"] = ray.LoggingConfig(log_level="ERROR")
         t0 = time.perf_counter()
-        ray.init(address=address, runtime_env=ray_runtime_env(settings, root, threads), log_to_driver=True, **extra)
+        with _driver_logging_kept():
+            ray.init(address=address, runtime_env=ray_runtime_env(settings, root, threads), log_to_driver=True, **extra)
         log.info("Ray joined at %s in %.1f s", address, time.perf_counter() - t0)
         return True
 
@@ -124,17 +140,18 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
     # No dashboard (it needs ray[default]); without it Train's placement-group cleaner cannot reach the state API
     # and warns every few seconds, so Ray's own worker logs are kept to errors. Our progress lines are printed, not
     # logged, and still reach the driver.
-    ray.init(
-        # "local": always a new Ray of our own. Without an address ray.init joins the last cluster `ray start`
-        # started on this machine (a `stein cluster`, or someone else's), which RAY_ADDRESS did not ask for.
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, settings.num_workers),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env=ray_runtime_env(settings, root, threads),
-        log_to_driver=True,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-    )
+    with _driver_logging_kept():
+        ray.init(
+            # "local": always a new Ray of our own. Without an address ray.init joins the last cluster `ray start`
+            # started on this machine (a `stein cluster`, or someone else's), which RAY_ADDRESS did not ask for.
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, settings.num_workers),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=ray_runtime_env(settings, root, threads),
+            log_to_driver=True,
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+        )
     node_ip = ray._private.worker.global_worker.node_ip_address
     if node_ip != "127.0.0.1":
         ray.shutdown()

@@ -19,7 +19,13 @@ def test_a_config_error_in_a_ray_task_arrives_as_itself(project, tmp_path):
     write_dataset(good, [[0.0, 1.0]] * 3)
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 not parquet")
+    import logging
+
+    root_logger = logging.getLogger()
+    level, handlers = root_logger.level, list(root_logger.handlers)
     started = init_ray(RuntimeSettings(num_workers=1, threads=1), project, threads=1)
+    # Ray's worker logging config (ERROR) must not reach the driver's own logger: the stages log INFO lines after it
+    assert (root_logger.level, root_logger.handlers) == (level, handlers)
     try:
         assert len(dict(ray_map(read_dataset, [str(good)], desc="read"))[0]) == 3
         with pytest.raises(ConfigError) as info:
