@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,12 +43,9 @@ def _first_page(cmd: list[str], port: int, env: dict[str, str], limit: float = 3
                 time.sleep(0.2)
         raise TimeoutError(f"no page after {limit:.0f} s: {' '.join(cmd)}")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        from flows.local import stop_process_group
+
+        stop_process_group(proc)
 
 
 def _command_seconds(args: list[str]) -> float:

@@ -6,6 +6,7 @@ up, so ``stein --help`` and a no-op ``stein run`` stay fast and Prefect sees the
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -121,17 +122,23 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
                run_name: str | None = None) -> None:
     """The body of ``stein run`` under the project lock: what is stale, the Prefect server, the pipeline flow, and
     with ``push`` (a remote's name and URL) the upload of the outputs afterwards."""
-    from flows.local import prefect_server, stale_stages
+    from flows.local import prefect_server
 
-    stale = stale_stages(pipeline, root)
-    if stale == [] and not force:
+    plan = _plan(pipeline, root)
+    if plan is not None and plan.up_to_date and not force:
         click.echo(f"Pipeline {pipeline!r} is up to date: nothing to reproduce.")
         if push:
             _push(spec, pipeline, root, *push)
         _print_results(spec, root)
         return
-    if stale:  # DVC runs each, or restores its outputs from its run cache when it has them for these inputs
-        click.echo(f"Stale stages (changed inputs, or downstream of a change): {', '.join(stale)}")
+    if plan is not None and not force:  # what DVC will do: run a stage, or restore its outputs from its run cache
+        from flows.status import RUN
+
+        runs = [st.stage for st in plan.stages if st.action == RUN]
+        restores = [st.stage for st in plan.stages if st.stale and st.action != RUN]
+        click.echo("To run: " + (", ".join(runs) or "no stage") +
+                   (f"; to restore from DVC's cache: {', '.join(restores)}" if restores else "") +
+                   f"  (`stein status {pipeline}` says why)")
     with prefect_server():
         from flows.pipeline import reproduce_flow
 
@@ -152,9 +159,7 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
         finally:
             APILogWorker.drain_all(timeout=5)  # ship the flow's last log lines while the server is still up
     ran = result["stages_run"]
-    restored = [st for st in stale or [] if st not in ran]
-    click.echo(f"Ran: {', '.join(ran) or 'no stage'}" + (f"; restored from DVC's run cache or unchanged: "
-                                                         f"{', '.join(restored)}" if restored else ""))
+    click.echo(f"Ran: {', '.join(ran) or 'no stage (outputs restored from DVC cache)'}")
     cached = " (cached: no stage ran, no new result)" if not ran else ""
     model = f", model {result['model_version']}" if result["model_version"] else ""
     click.echo(f"MLflow pipeline run {result['run_name']!r} ({result['run_id'][:8]}{model}){cached}")
@@ -162,6 +167,19 @@ def _reproduce(spec, pipeline: str, root: Path, force: bool, push: tuple[str, st
     if push:
         _push(spec, pipeline, root, *push)
     _print_results(spec, root)
+
+
+def _plan(pipeline: str, root: Path):
+    """What ``dvc repro`` will do for ``pipeline`` (:func:`flows.status.pipeline_status`); None when it cannot tell
+    (DVC's files unreadable, say): ``dvc repro`` then reports the problem itself."""
+    from flows.status import pipeline_status
+
+    try:
+        (plan,) = pipeline_status([pipeline], root)
+    except Exception as exc:  # noqa: BLE001 - a prediction only; the run goes on and DVC reports what is wrong
+        logging.getLogger("stein").debug("no prediction for %s: %s", pipeline, exc)
+        return None
+    return plan
 
 
 def _push(spec, pipeline: str, root: Path, remote: str, url: str) -> None:

@@ -127,11 +127,11 @@ def _experiment_name(root: Path) -> str:
 def _show_args(spec, root: Path, markdown: bool) -> list[str]:
     """``dvc exp show`` arguments that keep the columns of this pipeline only: its params file and metrics file
     (DVC names a column ``KEY``, or ``FILE:KEY`` when several files have that key), with ``--only-changed``."""
-    from flows.status import flatten_params
+    from tasks.tracking import flatten
     from tasks.config import load_yaml
 
     params_file, metrics_file = spec.config_file, spec.paths(root).metrics.relative_to(root).as_posix()
-    keys = list(flatten_params(load_yaml(root / params_file), ""))
+    keys = list(flatten(load_yaml(root / params_file)))
     metrics: list[str] = []
     with_metrics = root / metrics_file
     if with_metrics.is_file():
@@ -175,7 +175,8 @@ def exp(pipeline: str, overrides: tuple[str, ...], name: str | None, queue: bool
     \b
       stein exp gmm2d -S sample.eps=1e-3 --name eps-small
       stein exp gmm2d --show
-    runs `dvc exp run -S conf/gmm2d.yaml:sample.eps=1e-3 -n eps-small gmm2d-evaluate`: DVC reproduces this
+
+    The first runs `dvc exp run -S conf/gmm2d.yaml:sample.eps=1e-3 -n eps-small gmm2d-evaluate`: DVC reproduces this
     pipeline only (its last stage as the target; the stages the change leaves alone are skipped or restored from
     its cache), records params, metrics and outputs as experiment eps-small of the current commit, and leaves
     them in the workspace. A key the config lacks, or a value it refuses, exits 2 before DVC starts, and the

@@ -9,28 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 
-EXIT_USAGE = 2
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def _setup() -> Path:
-    """Offline environment, quiet HTTP logs; returns the project root."""
-    import logging
-
-    from tasks.runtime import apply_offline_env, project_root
-
-    apply_offline_env()
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return project_root()
+from flows.cli_common import _fail, _setup
 
 
 def _when(dt) -> str:

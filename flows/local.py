@@ -109,20 +109,6 @@ def read_stage_error(path: Path) -> StageFailed | None:
     return StageFailed(f"stage {rec['stage']}: {rec['message']}", int(rec["exit_code"]))
 
 
-def stale_stages(pipeline: str, root: Path) -> list[str] | None:
-    """Stages of ``pipeline`` that ``dvc repro`` would run (an empty list: up to date); None if DVC fails."""
-    spec = get_pipeline(pipeline)
-    target = spec.final_stage
-    proc = dvc("status", "--with-deps", "--json", target, root=root, capture=True)
-    if proc.returncode != 0:
-        return None
-    try:
-        status = json.loads(proc.stdout or "{}")
-    except json.JSONDecodeError:
-        return None
-    return sorted(status)
-
-
 def dvc_remotes(root: Path) -> tuple[dict[str, str], str | None]:
     """The DVC remotes configured for the project (name -> URL) and the default remote's name (None if unset),
     merged over DVC's system, global, repository and ``--local`` config levels exactly as ``dvc push`` merges

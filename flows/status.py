@@ -36,6 +36,7 @@ from typing import Any
 
 from flows.registry import PIPELINES, Pipeline, get_pipeline
 from tasks.config import ConfigError
+from tasks.tracking import flatten
 
 #: What DVC does with a stage: nothing, run its command, restore an earlier run's outputs from the run cache, or
 #: check the outputs recorded in dvc.lock out of the cache.
@@ -329,19 +330,9 @@ def _entry_outs(entry: dict) -> dict[str, tuple[Any, Any]]:
 # ------------------------------------------------------------------------------------------------ params
 
 
-def flatten_params(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested sections -> ``{"sample.eps": 0.002, ...}`` (lists stay values), as DVC names params."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out |= flatten_params(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return {prefix: list(value) if isinstance(value, tuple) else value}
-
-
 def _diff_params(old: dict, new: dict) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, old, new, change) for every leaf that differs between dvc.lock's values and the file's."""
-    a, b = flatten_params(old, ""), flatten_params(new, "")
+    a, b = flatten(old), flatten(new)
     out = []
     for key in [*a, *(k for k in b if k not in a)]:
         if key not in b:

@@ -200,6 +200,7 @@ def test_pipeline_end_to_end(repo, prefect_api):
     _set_params(repo, {"sample": {"eps": old_eps / 2}})
     third = stein(repo, "run", "--name", "eps-small", prefect_api=prefect_api)
     assert third.returncode == 0
+    assert "To run: gmm2d-sample, gmm2d-evaluate  (" in third.stdout  # predicted by flows.status, then done
     assert "Ran: gmm2d-sample, gmm2d-evaluate\n" in third.stdout and "'eps-small'" in third.stdout
     _, after = runs(repo)
     new = [r for r in after if r.info.run_id not in {x.info.run_id for x in all_runs}]
