@@ -100,6 +100,7 @@ print("TRAINED", info["steps"], flush=True)
 """
 
 
+@pytest.mark.heavy  # 30 s; keeps make test near 15 minutes (make test-all runs it)
 def test_ray_train_beside_another_ray_prints_no_traceback_and_no_report_lines(other_ray, tmp_path):
     """The train stage's Ray Train fit (a local Ray of its own, 3 checkpoints) while another Ray runs: its output
     holds the training's own lines, and neither the cleaner's "Found multiple active Ray instances" traceback nor
@@ -162,6 +163,7 @@ with prefect_server():  # PREFECT_API_URL is set: the server named there, as a s
 """
 
 
+@pytest.mark.heavy  # 25 s; keeps make test near 15 minutes (make test-all runs it)
 def test_prefect_prints_no_link_to_the_ui_less_server_of_a_run_but_keeps_a_users(tmp_path, monkeypatch):
     """A flow against the server `stein run` starts (run as a stage runs: a process with the driver's environment)
     prints no "View at" line; the variable is restored when the server stops. With PREFECT_API_URL set by the user

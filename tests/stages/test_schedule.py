@@ -356,6 +356,6 @@ def test_only_the_io_tasks_of_the_pipeline_flow_retry():
     input fails again the same way, and DVC resumes a crashed pipeline on the next run)."""
     import flows.pipeline as p
 
-    for io in (p.open_pipeline_run, p.log_pipeline_metrics, p.close_pipeline_run):
+    for io in (p.open_pipeline_run, p.log_pipeline_results, p.close_pipeline_run):
         assert (io.retries, io.retry_delay_seconds) == (3, [5, 10, 30]), io.name
     assert p.dvc_repro.retries == 0

@@ -107,7 +107,8 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["ncsn", "agd"])
+# agd is heavy (25 s, make test-all): ncsn exercises the same DDP path in make test
+@pytest.mark.parametrize("family", ["ncsn", pytest.param("agd", marks=pytest.mark.heavy)])
 def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
     """Ray Train with 2 DDP workers (gloo, CPU) against the bare loop with the same global batch: the final
     weights agree to float32 round-off (the two ranks' partial gradients are summed in another order). ``ncsn``
@@ -183,6 +184,7 @@ def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoin
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 19 s; the stage-level case (tests/stages/test_bad_inputs.py, NaN rows inside the Ray Train worker) runs in make test
 def test_bad_data_inside_a_ray_worker_arrives_as_the_config_error_and_is_not_retried(project, data):
     """A NaN row that was not written by this project (pyarrow directly) is found where the data are read: inside
     the Ray Train worker. The driver gets the same ConfigError (file, key, row count), not Train's wrapped
