@@ -158,8 +158,15 @@ def test_two_queued_experiments_run_in_parallel(repo, prefect_api):
     exp_id = client.get_experiment_by_name("gmm2d").experiment_id
     runs = client.search_runs([exp_id], max_results=1000)
     stages = sorted(r.data.tags.get("stein.stage", "pipeline") for r in runs)
-    assert stages == sorted(["pipeline", "prepare", "train", "sample", "evaluate"] + ["sample", "evaluate"] * 2)
-    queued = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("stein.kind") != "pipeline"]
+    assert stages == sorted(["pipeline", "prepare", "train", "sample", "evaluate"] + ["pipeline", "sample", "evaluate"] * 2)
+    # each queued experiment's stages are grouped under a pipeline run named after it, which has its metrics
+    groups = {r.data.tags["stein.dvc_exp"]: r for r in runs if "stein.dvc_exp" in r.data.tags}
+    assert set(groups) == set(VARIANTS)
+    for name, group in groups.items():
+        assert group.info.run_name == f"gmm2d {name}" and group.info.status == "FINISHED"
+        assert float(group.data.params["sample.eps"]) == float(VARIANTS[name])
+        assert group.data.metrics["mmd"] == pytest.approx(metrics[name]["mmd"])
+    queued = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {g.info.run_id for g in groups.values()}]
     assert sorted(r.data.tags["stein.stage"] for r in queued) == ["evaluate", "evaluate", "sample", "sample"]
     # one after another, the second sample stage would start after the first experiment's evaluate stage ended
     second_sample = sorted(r.info.start_time for r in queued if r.data.tags["stein.stage"] == "sample")[1]
