@@ -230,6 +230,7 @@ def test_pipeline_end_to_end(repo, prefect_api):
     _set_params(repo, {"train": {"sigma_min": 0.1}})  # back to the committed value for the next test
 
 
+@pytest.mark.heavy  # 41 s; make test checks upstream stages through stein status (tests/stages/test_status_exp.py)
 def test_blindness_pipeline_reuses_the_gmm2d_model(repo, prefect_api):
     """gmm2d-blindness samples gmm2d's score network two ways: with gmm2d up to date it runs only its own three
     stages, and logs both samplers' metrics side by side."""

@@ -246,8 +246,10 @@ DATA_CASES = [
      "not a readable Parquet file"),
     ("model: not a checkpoint", "sample", "models/gmm2d/model.pt", lambda p: p.write_bytes(b"not a zip"),
      "not a PyTorch checkpoint"),
-    ("train split: NaN rows (inside the Ray Train worker)", "train", "data/gmm2d/train.parquet", _nan_rows,
-     "key 'x': 3 of 400 rows hold non-finite values (NaN or inf), the first at row 5"),
+    # heavy (36 s, make test-all): tests/stages/test_training.py checks the same error from inside a Ray Train worker
+    pytest.param("train split: NaN rows (inside the Ray Train worker)", "train", "data/gmm2d/train.parquet", _nan_rows,
+                 "key 'x': 3 of 400 rows hold non-finite values (NaN or inf), the first at row 5",
+                 marks=pytest.mark.heavy),
 ]
 
 #: The same, read by the function every stage reads Parquet with.
@@ -299,7 +301,7 @@ def prefect_api(repo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,stage,rel,spoil,fragment", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+@pytest.mark.parametrize("name,stage,rel,spoil,fragment", DATA_CASES, ids=[getattr(c, "values", c)[0] for c in DATA_CASES])
 def test_bad_data_exits_2_naming_file_and_column_and_touches_nothing_else(repo, prefect_api, name, stage, rel, spoil,
                                                                          fragment):
     path = repo / rel

@@ -35,9 +35,8 @@ def _server_processes(port: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-# SIGKILL (the parent-death signal) is heavy, as in tests/e2e/test_signals.py: `make test` stays near 15 minutes
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.heavy)],
-                         ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.heavy  # 23 s; make test covers it through tests/e2e/test_signals.py (SIGTERM to stein run: no process left)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_prefect_server_stops_with_the_command_that_started_it(project, sig):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PYTHONPATH"] = str(REPO)

@@ -184,7 +184,6 @@ def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoin
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # 19 s; the stage-level case (tests/stages/test_bad_inputs.py, NaN rows inside the Ray Train worker) runs in make test
 def test_bad_data_inside_a_ray_worker_arrives_as_the_config_error_and_is_not_retried(project, data):
     """A NaN row that was not written by this project (pyarrow directly) is found where the data are read: inside
     the Ray Train worker. The driver gets the same ConfigError (file, key, row count), not Train's wrapped
