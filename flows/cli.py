@@ -36,6 +36,9 @@ def main() -> None:
       stein run                 reproduce the default pipeline (gmm2d); a rerun with nothing changed is a no-op
       stein run --list          list the pipelines
       stein stage sample        run one stage directly (outside DVC's skip-if-unchanged)
+      stein status              what `stein run` would rerun, and why (changed params, code, data)
+      stein exp gmm2d -S sample.eps=1e-3
+                                a DVC experiment of one pipeline with a changed parameter
       stein runs                the recent pipeline runs: what differs between them, headline metrics
       stein compare ring8-agd ring8-mmd
                                 headline metrics and learning curves of pipelines (or runs) side by side
