@@ -141,15 +141,15 @@ class Pipeline:
                 raise ConfigError(path, st.section, f"missing: the {st.name} stage reads this section")
         return cfg
 
-    def validate_all(self, root: Path) -> BaseModel:
-        """Validate this pipeline's config and those of its upstream pipelines (``dvc repro`` of this pipeline
-        reruns their stages too): a bad config anywhere fails before DVC removes any stage's outputs. Returns this
-        pipeline's config."""
+    def validate_all(self, root: Path, path: str | Path | None = None) -> BaseModel:
+        """Validate this pipeline's config (read from ``path``, default ``conf/<pipeline>.yaml``) and those of its
+        upstream pipelines (``dvc repro`` of this pipeline reruns their stages too): a bad config anywhere fails
+        before DVC removes any stage's outputs. Returns this pipeline's config."""
         settings = load_settings()
         configs = []
         spec: Pipeline | None = self
         while spec is not None:
-            configs.append(cfg := spec.load_config(root))
+            configs.append(cfg := spec.load_config(root, path if spec is self else None))
             if getattr(cfg, "train", None) is not None:
                 check_batch_split(cfg.train, settings, spec.config_file)
             spec = PIPELINES[spec.upstream] if spec.upstream else None
@@ -254,7 +254,7 @@ def run_stage(
     try:
         with stage_run(
             pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(ctx), outputs=outputs(ctx),
-            **({"parent_run_id": group} if group else {}),
+            parent_run_id=group,
         ) as run:
             import mlflow
 

@@ -134,9 +134,6 @@ def base_tags(pipeline: str, root: Path | None = None) -> dict[str, str]:
     return {"stein.pipeline": pipeline, "stein.git_commit": commit, "stein.git_dirty": str(dirty).lower()}
 
 
-_FROM_ENV: Any = object()
-
-
 @contextlib.contextmanager
 def stage_run(
     pipeline: str,
@@ -146,10 +143,10 @@ def stage_run(
     inputs: Mapping[str, str | Path] | None = None,
     outputs: Mapping[str, str | Path] | None = None,
     root: Path | None = None,
-    parent_run_id: str | None = _FROM_ENV,
+    parent_run_id: str | None = None,
 ) -> Iterator[Any]:
     """Start the MLflow run of one stage execution, a child of ``parent_run_id`` (default: the pipeline run named
-    by ``STEIN_PARENT_RUN_ID``; None: a top-level run).
+    by ``STEIN_PARENT_RUN_ID``; a top-level run when neither is given).
 
     ``inputs`` and ``outputs`` name files whose MD5 (DVC's hash) is recorded as a tag: inputs at the start,
     outputs when the block succeeds.
@@ -162,7 +159,7 @@ def stage_run(
     for name, path in (inputs or {}).items():
         if Path(path).is_file():
             tags[f"stein.input.{name}.md5"] = file_md5(path)
-    parent = (os.environ.get(PARENT_ENV) or None) if parent_run_id is _FROM_ENV else parent_run_id
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     if parent:
         tags["stein.pipeline_run_id"] = parent
     with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, tags=tags) as run:
@@ -229,10 +226,11 @@ def experiment_group_run(client, pipeline: str, *, config: Mapping[str, Any], ro
     return create_pipeline_run(client, pipeline, config=config, root=root, name=f"{pipeline} {name}", tags=tags)
 
 
-def stages_run(client, run_id: str) -> list[str]:
-    """The DVC stages that ran under pipeline run ``run_id`` (its child runs), in the order they started."""
+def stages_run(client, run) -> list[str]:
+    """The DVC stages that ran under the pipeline run ``run`` (its child runs), in the order they started."""
+    run_id = run.info.run_id
     children = client.search_runs(
-        [client.get_run(run_id).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
         order_by=["attributes.start_time ASC"], max_results=1000,
     )
     return [r.data.tags.get("stein.dvc_stage", r.info.run_name) for r in children]
@@ -257,17 +255,16 @@ def fill_pipeline_run(client, run_id: str, *, metrics_file: Path, plots_dir: Pat
     client.log_artifact(run_id, str(metrics_file))
     for png in sorted(plots_dir.glob("*.png")):
         client.log_artifact(run_id, str(png), "plots")
-    ran = stages_run(client, run_id)
+    run = client.get_run(run_id)
+    ran = stages_run(client, run)
     tags = {"stein.stages_run": ",".join(ran), "stein.cached": str(not ran).lower()}
     version = model_version_of(client, model_name, model_file)
     if version is not None:
         tags["stein.model"] = f"{model_name}/{version.version}"
-    if not ran:
-        name = client.get_run(run_id).info.run_name
-        if not name.endswith(" (cached)"):
-            tags["mlflow.runName"] = f"{name} (cached)"
+    if not ran and not run.info.run_name.endswith(" (cached)"):  # a retry of this task finds it renamed already
+        tags["mlflow.runName"] = f"{run.info.run_name} (cached)"
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    update_run_table_view(client, client.get_run(run_id).data.tags["stein.pipeline"])
+    update_run_table_view(client, run.data.tags["stein.pipeline"])
     return {"metrics": metrics, "stages_run": ran, "model_version": tags.get("stein.model")}
 
 
