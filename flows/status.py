@@ -424,10 +424,13 @@ def pipeline_status(pipelines: list[str] | None, root: Path) -> list[PipelineSta
     project = _Project(root)
     owner = {spec.dvc_stage(st.name): spec.name for spec in PIPELINES.values() for st in spec.stages}
     result = []
-    for spec in specs:
-        order = project.ancestors(spec.final_stage)
-        stages = [project.status(name, owner.get(name, spec.name)) for name in order]
-        result.append(PipelineStatus(spec.name, spec.final_stage, stages))
+    try:
+        for spec in specs:
+            order = project.ancestors(spec.final_stage)
+            stages = [project.status(name, owner.get(name, spec.name)) for name in order]
+            result.append(PipelineStatus(spec.name, spec.final_stage, stages))
+    finally:
+        project.repo.close()  # its hash-cache database, before `stein run` starts `dvc repro` beside it
     return result
 
 
