@@ -427,9 +427,9 @@ def ui(port: int, workers: int) -> None:
 
     \b
     Each pipeline is an experiment; its table lists the pipeline runs (named '<pipeline> <commit> <time>', or
-    --name) with their stage runs folded under them. To compare: tick runs, then Compare; to see metrics and
-    params in the table: 'Columns', then tick them (the choice is kept per browser). `stein runs` prints the same
-    table in the terminal.
+    --name) with their stage runs folded under them. The links printed at start open each pipeline's table with
+    its headline metrics and differing params as columns. To compare: tick runs, then Compare. `stein runs`
+    prints the same table in the terminal.
     """
     root = _setup()
     from tasks.tracking import artifact_root, tracking_uri
