@@ -41,17 +41,17 @@ $(VENV)/.installed-dev: requirements-dev.lock $(VENV)/.installed
 
 # The venv hook: a .pth file in the venv's site-packages that puts $(BIN) first on PATH and turns telemetry off in
 # every program started from the venv's Python, so that `.venv/bin/dvc` runs the stages' `python` from the venv
-# without `source .venv/bin/activate` (tasks/venv_hook.py). Its own stamp: an existing venv gets it too.
-$(VENV)/.hook: tasks/venv_hook.py $(VENV)/.installed
-	$(BIN)/python -m tasks.venv_hook
+# without `source .venv/bin/activate` (tasks/infra/venv_hook.py). Its own stamp: an existing venv gets it too.
+$(VENV)/.hook: tasks/infra/venv_hook.py $(VENV)/.installed
+	$(BIN)/python -m tasks.infra.venv_hook
 	touch $@
 
 # `dvc plots show`'s offline page (.dvc/tmp/, git-ignored; .dvc/config names it): written when missing or stale.
 install: $(VENV)/.installed $(VENV)/.hook
-	@$(BIN)/python -m tasks.offline_plots > /dev/null
+	@$(BIN)/python -m tasks.infra.offline_plots > /dev/null
 
 install-dev: $(VENV)/.installed-dev $(VENV)/.hook
-	@$(BIN)/python -m tasks.offline_plots > /dev/null
+	@$(BIN)/python -m tasks.infra.offline_plots > /dev/null
 
 run: install
 	$(BIN)/stein run $(PIPELINE)

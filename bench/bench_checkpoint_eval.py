@@ -1,6 +1,6 @@
 """Evaluating a pipeline's training checkpoints: one after another in this process vs fanned out as Ray tasks.
 
-Both call :func:`tasks.evaluation.evaluate_checkpoint` (sample ``evaluate.checkpoints.n_samples`` chains from the
+Both call :func:`tasks.stages.evaluate.metrics.evaluate_checkpoint` (sample ``evaluate.checkpoints.n_samples`` chains from the
 checkpoint with the pipeline's sampler settings, compute the checkpoint metrics) on the checkpoints the train
 stage wrote to ``models/<pipeline>/checkpoints`` (run the pipeline first). The serial loop uses all cores' threads
 in one process; the Ray path runs one single-threaded task per core at a time, as the evaluate stage does, and is
@@ -33,9 +33,10 @@ def main() -> None:
     import torch
 
     from flows.registry import get_pipeline
-    from tasks.cluster import init_ray, ray_map
-    from tasks.evaluation import EvalInputs, evaluate_checkpoint
-    from tasks.runtime import RuntimeSettings, apply_offline_env
+    from tasks.infra.ray_client import init_ray, ray_map
+    from tasks.stages.evaluate.inputs import EvalInputs
+    from tasks.stages.evaluate.metrics import evaluate_checkpoint
+    from tasks.infra.runtime import RuntimeSettings, apply_offline_env
 
     apply_offline_env()
     spec = get_pipeline(args.pipeline)

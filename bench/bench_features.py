@@ -38,7 +38,8 @@ def main() -> None:
     if args.stage_only:
         time_stage(args.stage_samples or 10_000)
         return
-    from stein_core import ClassifierFeatures, InceptionV3FID, LeNetClassifier
+    from stein_core.features import ClassifierFeatures, LeNetClassifier
+    from stein_core.inception import InceptionV3FID
 
     gen = torch.Generator().manual_seed(0)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {args.device}")
@@ -64,15 +65,15 @@ def time_stage(n: int) -> None:
 
     import numpy as np
 
-    from tasks.classifier import train_feature_classifier
+    from tasks.stages.classifier import train_feature_classifier
     from flows.registry import get_pipeline
-    from tasks.config import ClassifierTrain, ImagePrepare
-    from tasks.evaluate import evaluate_samples
-    from tasks.evaluation import EvalInputs
+    from tasks.config.sections import ClassifierTrain, ImagePrepare
+    from tasks.stages.evaluate.task import evaluate_samples
+    from tasks.stages.evaluate.inputs import EvalInputs
     from tasks.families import module_checkpoint
-    from tasks.io import read_dataset, save_torch, write_dataset
-    from tasks.prepare import prepare_images
-    from stein_core import NoiseConditionalConvNet
+    from tasks.data.io import read_dataset, save_torch, write_dataset
+    from tasks.stages.prepare import prepare_images
+    from stein_core.nets import NoiseConditionalConvNet
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     import scipy.linalg
 
-    from stein_core import frechet_distance
+    from stein_core.metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=args.d), rng.normal(size=args.d)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, resource, sys, torch
-from tasks.bench import time_ksd
+from tasks.tools.bench import time_ksd
 n, d, naive, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 out = time_ksd(n, d, naive=naive, repeats=3 if n * d > 4096 * 64 else 5, device=device)
 out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,6 +1,6 @@
 """The KSD U-statistic's row-block size on a device: ``stein_core.discrepancies._BLOCK_ELEMENTS`` (the most
 ``[block, n]`` elements one block holds, sized for a CPU cache) set to several values in one process, each timed
-beside its matrix-product floor (``tasks.bench.time_ksd``), with the statistic's value checked to stay the same.
+beside its matrix-product floor (``tasks.tools.bench.time_ksd``), with the statistic's value checked to stay the same.
 
 It measures a proposed change before it is made (a stein_core change reruns every pipeline): on a GPU, small
 blocks mean many small kernel launches.
@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     import stein_core.discrepancies as disc
-    from tasks.bench import time_ksd
+    from tasks.tools.bench import time_ksd
 
     default = disc._BLOCK_ELEMENTS
     rows = []

@@ -79,7 +79,7 @@ def main() -> None:
         print(f"[bench] full `stein run {args.pipeline}` from scratch in {root} ...", flush=True)
         out["full_run_seconds"] = timed([*cli, "run", args.pipeline], root, env)
         out["noop_rerun_seconds"] = timed([*cli, "run", args.pipeline], root, env)
-        out["import_seconds"] = timed([*py, "-c", "import torch, prefect, mlflow, pyarrow, flows.cli, tasks.io"], root, env)
+        out["import_seconds"] = timed([*py, "-c", "import torch, prefect, mlflow, pyarrow, flows.cli, tasks.data.io"], root, env)
 
         sys.path.insert(0, str(root))
         os.chdir(root)

@@ -1,7 +1,7 @@
 """Ray Train's overhead against a bare PyTorch loop on the same training.
 
-Both run :func:`tasks.training.fit`, the one training loop of every family, on the same data, config and thread
-count: once called directly in this process, once through ``tasks.train.train_model`` (local Ray,
+Both run :func:`tasks.stages.train.loop.fit`, the one training loop of every family, on the same data, config and thread
+count: once called directly in this process, once through ``tasks.stages.train.task.train_model`` (local Ray,
 ``TorchTrainer``, one worker, DDP, checkpoints reported to Ray). Ray's cost splits into a fixed part (``ray.init``
 and Train's actor start-up and shutdown) and a per-step part (DDP hooks, reporting), so a run of a given length
 can be extrapolated from one measurement:
@@ -37,11 +37,11 @@ def main() -> None:
 
     from flows.registry import get_pipeline
     from tasks.families import FAMILIES
-    from tasks.io import read_dataset
-    from tasks.prepare import prepare_mixture
-    from tasks.runtime import RuntimeSettings, apply_offline_env
-    from tasks.train import train_model
-    from tasks.training import fit
+    from tasks.data.io import read_dataset
+    from tasks.stages.prepare import prepare_mixture
+    from tasks.infra.runtime import RuntimeSettings, apply_offline_env
+    from tasks.stages.train.task import train_model
+    from tasks.stages.train.loop import fit
 
     apply_offline_env()
     spec = get_pipeline(args.pipeline)

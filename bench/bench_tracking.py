@@ -43,9 +43,9 @@ def _time_calls(client, experiment: str, artifact: Path, calls: int) -> dict[str
 def main() -> None:
     from mlflow import MlflowClient
 
-    from flows.cli_server import tracking_server
-    from tasks.runtime import free_port
-    from tasks.server import TrackingServer
+    from flows.cli.server import tracking_server
+    from tasks.infra.runtime import free_port
+    from tasks.infra.server import TrackingServer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100)

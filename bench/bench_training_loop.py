@@ -1,4 +1,4 @@
-"""Overhead of the generic training loop (``tasks.training.fit``, every family) against the NCSN-only loop it
+"""Overhead of the generic training loop (``tasks.stages.train.loop.fit``, every family) against the NCSN-only loop it
 replaced (``bench/legacy_ncsn_loop.py``, commit 8ba88d8), on gmm2d's data and train section, in one process.
 
 Both train the same network with the same optimiser, schedule and batch size; they differ in what the generic
@@ -36,10 +36,10 @@ def main() -> None:
     import legacy_ncsn_loop
     from flows.registry import get_pipeline
     from tasks.families import FAMILIES
-    from tasks.io import Dataset
-    from tasks.prepare import mixture_spec
-    from tasks.training import fit
-    from stein_core import GaussianMixture
+    from tasks.data.io import Dataset
+    from tasks.stages.prepare import mixture_spec
+    from tasks.stages.train.loop import fit
+    from stein_core.distributions import GaussianMixture
 
     torch.set_num_threads(args.threads)
     cfg = get_pipeline("gmm2d").load_config(REPO)

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=5091)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from tasks.runtime import OFFLINE_ENV
+    from tasks.infra.runtime import OFFLINE_ENV
 
     env = os.environ | OFFLINE_ENV
     store = f"sqlite:///{REPO / '.stein' / 'mlflow.db'}"

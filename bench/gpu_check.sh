@@ -8,10 +8,10 @@
 # Sections, in this order, each under `timeout` and under one overall deadline (GPU_CHECK_BUDGET s, default 360):
 #   env        nvidia-smi, torch/CUDA versions and device properties
 #   pytest_gpu pytest -m gpu tests/unit (the CUDA cases of the sampler and goodness-of-fit tests)
-#   train      tasks.training.fit: digits (conv NCSN) and gmm2d (MLP NCSN), cuda vs CPU; every other pipeline's
+#   train      tasks.stages.train.loop.fit: digits (conv NCSN) and gmm2d (MLP NCSN), cuda vs CPU; every other pipeline's
 #              family a few steps on cuda; a cuda-trained model saved and loaded on the CPU and on cuda
 #   sample     annealed Langevin from models/digits/model.pt, cuda vs CPU
-#   evalckpt   tasks.evaluation.evaluate_checkpoint (the evaluate stage's per-checkpoint task), cuda vs CPU
+#   evalckpt   tasks.stages.evaluate.metrics.evaluate_checkpoint (the evaluate stage's per-checkpoint task), cuda vs CPU
 #   ksd        bench/bench_ksd.py on cuda (full grid) and on the CPU (--quick grid)
 #   samplers   bench/bench_samplers.py --quick, cuda and CPU
 #   sm         bench/bench_score_matching.py (d 2, 32, 512), cuda and CPU
@@ -37,7 +37,7 @@ DEADLINE=$((T0 + ${GPU_CHECK_BUDGET:-360}))
 NCPU=$(nproc)
 : > "$OUT/sections.tsv"
 
-# pydantic and pydantic-settings (tasks.config, tasks.runtime) travel as wheels in .whl/ where they are missing
+# pydantic and pydantic-settings (tasks.config.sections, tasks.infra.runtime) travel as wheels in .whl/ where they are missing
 if ! $PY -c "import pydantic, pydantic_settings" 2>/dev/null; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -107,8 +107,8 @@ from pathlib import Path
 import torch
 from flows.registry import PIPELINES, get_pipeline
 from tasks.families import FAMILIES, load_model, model_payload
-from tasks.io import read_dataset, save_torch
-from tasks.training import fit
+from tasks.data.io import read_dataset, save_torch
+from tasks.stages.train.loop import fit
 
 REPO, WORK, DEV = Path.cwd(), Path(os.environ["WORK"]), os.environ["DEV"]
 ncpu = os.cpu_count()
@@ -194,7 +194,7 @@ from pathlib import Path
 import torch
 from flows.registry import get_pipeline
 from tasks.families import load_model
-from tasks.sampling import draw_in_batches
+from tasks.families.sampling import draw_in_batches
 
 REPO, WORK, DEV = Path.cwd(), Path(os.environ["WORK"]), os.environ["DEV"]
 spec = get_pipeline("digits")
@@ -228,7 +228,7 @@ import json, os, time
 from pathlib import Path
 import torch
 from flows.registry import get_pipeline
-from tasks.evaluation import EvalInputs, evaluate_checkpoint
+from tasks.stages.evaluate.metrics import EvalInputs, evaluate_checkpoint
 
 REPO, WORK, DEV = Path.cwd(), Path(os.environ["WORK"]), os.environ["DEV"]
 out = {"rows": []}

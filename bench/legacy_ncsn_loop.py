@@ -1,5 +1,5 @@
 """The NCSN-only training loop the project had before the model families (commit 8ba88d8), kept verbatim but for
-its imports as the baseline of ``bench/bench_training_loop.py``: the generic loop (``tasks.training.fit``) must
+its imports as the baseline of ``bench/bench_training_loop.py``: the generic loop (``tasks.stages.train.loop.fit``) must
 cost no measurable time over it. Not used by the pipeline."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 def build_score_net(cfg, shape: tuple[int, ...]):
     """The score network a train section describes, for examples of ``shape`` -> (net, class name)."""
-    from stein_core import NoiseConditionalConvNet, NoiseConditionalMLP
+    from stein_core.nets import NoiseConditionalConvNet, NoiseConditionalMLP
 
     if hasattr(cfg, "base_channels"):
         if len(shape) != 3:
@@ -55,7 +55,8 @@ def fit_ncsn(
     """
     import torch
 
-    from stein_core import EMA, geometric_sigmas, get_dsm_loss_fn
+    from stein_core.ema import EMA
+    from stein_core.score_matching import geometric_sigmas, get_dsm_loss_fn
 
     data = torch.from_numpy(dataset.x).to(device)  # [n, d]; images flattened, shape in the metadata
     n = data.shape[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.registry import run_stage
-from tasks.classifier import train_feature_classifier
+from tasks.stages.classifier import train_feature_classifier
 
 
 @flow(name="classifier", log_prints=True)

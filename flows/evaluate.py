@@ -1,7 +1,7 @@
 """Stage flow: evaluate (DVC stage ``<pipeline>-evaluate``), the same for every pipeline.
 
 The config's ``evaluate`` section lists the sample sets, metrics and plots; the flow resolves the files they read,
-runs :func:`tasks.evaluate.evaluate_samples`, logs the metrics (and, when checkpoints were evaluated, each
+runs :func:`tasks.stages.evaluate.task.evaluate_samples`, logs the metrics (and, when checkpoints were evaluated, each
 metric's history over the training steps) to the stage's MLflow run with the JSON and the plots as artifacts.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.registry import StageContext, run_stage
-from tasks.evaluate import evaluate_samples
-from tasks.evaluation import EvalInputs, plot_files, required_inputs
+from tasks.stages.evaluate.task import evaluate_samples
+from tasks.stages.evaluate.inputs import EvalInputs, plot_files, required_inputs
 
 
 def sample_paths(ctx: StageContext) -> dict:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows.registry import get_pipeline
-from tasks.runtime import free_port, state_dir
+from tasks.infra.runtime import free_port, state_dir
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:

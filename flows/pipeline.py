@@ -4,7 +4,7 @@ DVC decides what is stale (content hashes of deps, params and outs); this flow o
 pipeline's last stage, with ``STEIN_PARENT_RUN_ID`` set so each stage's MLflow run becomes a child of the
 pipeline run. The pipeline run is named ``<pipeline> <short commit> <time>`` (or as the caller chose) and carries
 the pipeline's config as flat params; afterwards it gets the headline metrics, the plots, the registered model
-version and, when no stage ran, the tag ``stein.cached=true`` (:func:`tasks.tracking.fill_pipeline_run`). A Prefect
+version and, when no stage ran, the tag ``stein.cached=true`` (:func:`tasks.tracking.log.fill_pipeline_run`). A Prefect
 deployment that schedules this flow (``stein schedule``, :mod:`flows.schedule`) reproduces the pipeline with
 exactly the same semantics.
 
@@ -32,8 +32,8 @@ from prefect.exceptions import MissingContextError
 
 from flows.local import STAGE_ERROR_ENV, ProjectBusy, StageFailed, dvc, project_lock, read_stage_error, tool_env
 from flows.registry import get_pipeline
-from tasks.runtime import project_root
-from tasks.tracking import PARENT_ENV, create_pipeline_run, fill_pipeline_run, setup_mlflow, tracking_uri
+from tasks.infra.runtime import project_root
+from tasks.tracking.log import PARENT_ENV, create_pipeline_run, fill_pipeline_run, setup_mlflow, tracking_uri
 
 #: Waits between the tries of an I/O task (MLflow calls): three retries spread over about 45 s.
 IO_RETRY_DELAYS = [5, 10, 30]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.registry import run_stage
-from tasks.config import ImagePrepare
-from tasks.prepare import prepare_images, prepare_mixture
+from tasks.config.sections import ImagePrepare
+from tasks.stages.prepare import prepare_images, prepare_mixture
 
 
 @flow(name="prepare", log_prints=True)

@@ -18,65 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.config import ConfigError, load_config
-from tasks.pipelines import GenerativeConfig, ResampleConfig
-from tasks.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
+from tasks.config.sections import ConfigError, load_config
+from tasks.config.paths import Paths
+from tasks.config.pipelines import GenerativeConfig, ResampleConfig
+from tasks.infra.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Artifact paths of a pipeline. ``upstream`` names the pipeline whose data and model it reuses."""
-
-    root: Path
-    name: str
-    upstream: str | None = None
-
-    def _p(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
-
-    @property
-    def source(self) -> str:
-        return self.upstream or self.name
-
-    @property
-    def train(self) -> Path:
-        return self._p("data", self.source, "train.parquet")
-
-    @property
-    def test(self) -> Path:
-        return self._p("data", self.source, "test.parquet")
-
-    @property
-    def model(self) -> Path:
-        return self._p("models", self.source, "model.pt")
-
-    @property
-    def checkpoints(self) -> Path:
-        """Every checkpoint of the train stage, ``step_NNNNNNN.pt`` (the evaluate stage follows metrics along them)."""
-        return self._p("models", self.source, "checkpoints")
-
-    @property
-    def classifier(self) -> Path:
-        return self._p("models", self.source, "classifier.pt")
-
-    @property
-    def reference_stats(self) -> Path:
-        return self._p("models", self.source, "reference_stats.pt")
-
-    def samples_of(self, output: str = "samples") -> Path:
-        return self._p("samples", self.name, f"{output}.parquet")
-
-    @property
-    def samples(self) -> Path:
-        return self.samples_of()
-
-    @property
-    def metrics(self) -> Path:
-        return self._p("metrics", f"{self.name}.json")
-
-    @property
-    def plots(self) -> Path:
-        return self._p("plots", self.name)
+#: Validated configs by (file, content, pipeline): configs are frozen, so one parse serves every caller in a process.
+_CONFIGS: dict[tuple, BaseModel] = {}
 
 
 @dataclass(frozen=True)
@@ -133,12 +82,22 @@ class Pipeline:
         raise ConfigError("command line", "stage", f"pipeline {self.name!r} has no stage {name!r}; its stages: {known}")
 
     def load_config(self, root: Path, path: str | Path | None = None) -> BaseModel:
-        """The validated config; a section a stage of this pipeline reads must be present."""
+        """The validated config; a section a stage of this pipeline reads must be present. Parsed once per process
+        while the file's content is unchanged (a stage, ``stein run`` and ``stein status`` each ask for it several
+        times)."""
         path = Path(path) if path else root / self.config_file
+        try:
+            key = (str(path.resolve()), path.read_bytes(), self.name)
+        except OSError:
+            key = None  # load_config names the missing file
+        if key is not None and key in _CONFIGS:
+            return _CONFIGS[key]
         cfg = load_config(path, self.config_model)
-        for st in self.stages:
-            if getattr(cfg, st.section, None) is None:
-                raise ConfigError(path, st.section, f"missing: the {st.name} stage reads this section")
+        for stage in self.stages:
+            if getattr(cfg, stage.section, None) is None:
+                raise ConfigError(path, stage.section, f"missing: the {stage.name} stage reads this section")
+        if key is not None:
+            _CONFIGS[key] = cfg
         return cfg
 
     def validate_all(self, root: Path, path: str | Path | None = None) -> BaseModel:
@@ -157,6 +116,25 @@ class Pipeline:
 
     def paths(self, root: Path) -> Paths:
         return Paths(root, self.name, self.upstream)
+
+    def family(self, root: Path) -> str:
+        """The model family this pipeline trains, or samples and evaluates (its upstream's, for a resampling
+        pipeline)."""
+        spec: Pipeline = self
+        while spec.upstream:
+            spec = PIPELINES[spec.upstream]
+        return spec.load_config(root).train.family
+
+    def stage_code(self, root: Path, stage: str, family: str | None = None) -> list[str]:
+        """The code deps of ``stage`` (``flows.code_deps``): the project files its flow, its config models, the path
+        catalog and the pipeline's model family import (every stage validates the whole config, the train section
+        by its family's model, and reads and writes where the catalog says; the train, sample and evaluate stages
+        build or load the family's modules)."""
+        from flows.code_deps import import_closure
+
+        roots = [self.stage(stage).flow.partition(":")[0], self.config_model.__module__, Paths.__module__,
+                 f"tasks.families.{family or self.family(root)}"]
+        return import_closure(root, roots)
 
 
 _IMAGES = generative_stages(classifier=True)
@@ -241,10 +219,10 @@ def run_stage(
     loop), log ``artifacts`` as (file, artifact folder) pairs, and return the results with the run id.
 
     The stage that reads the train section registers the model it wrote (registered model ``<pipeline>``: see
-    :func:`tasks.tracking.register_model`; the stage flow logs the file under ``model/``). Under ``dvc exp run``
-    the stage's run is a child of its DVC experiment's pipeline run (:func:`tasks.tracking.experiment_group_run`),
+    :func:`tasks.tracking.log.register_model`; the stage flow logs the file under ``model/``). Under ``dvc exp run``
+    the stage's run is a child of its DVC experiment's pipeline run (:func:`tasks.tracking.log.experiment_group_run`),
     which the pipeline's last stage fills like ``stein run`` does."""
-    from tasks.tracking import (
+    from tasks.tracking.log import (
         experiment_group_run, fill_pipeline_run, register_model, setup_mlflow, stage_run,
     )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.registry import run_stage
-from tasks.sample import sample_model
+from tasks.stages.sample import sample_model
 
 
 @flow(name="sample", log_prints=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tasks.runtime import OFFLINE_ENV
+from tasks.infra.runtime import OFFLINE_ENV
 
 #: The flow every deployment runs, as a path in the project (the worker loads it from the project directory).
 FLOW_NAME = "reproduce-pipeline"

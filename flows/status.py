@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.registry import PIPELINES, Pipeline, get_pipeline
-from tasks.config import ConfigError
-from tasks.tracking import flatten
+from tasks.config.sections import ConfigError
+from tasks.tracking.log import flatten
 
 #: What DVC does with a stage: nothing, run its command, restore an earlier run's outputs from the run cache, or
 #: check the outputs recorded in dvc.lock out of the cache.
@@ -122,7 +122,7 @@ class _Project:
             for kind in ("outs", "metrics", "plots"):
                 for entry in block.get(kind, []):
                     self.producer[_entry_path(entry)] = name
-        self.code = _code_paths()
+        self.code = _code_paths(self.raw)
         self.done: dict[str, StageStatus] = {}
         self.hashes: dict[str, tuple[Any, Any]] = {}  # dep path -> (meta, object): code deps are shared by stages
         self.param_files: dict[str, Any] = {}
@@ -273,10 +273,11 @@ def _entry_path(entry: Any) -> str:
     return next(iter(entry)) if isinstance(entry, dict) else str(entry)
 
 
-def _code_paths() -> set[str]:
-    from flows.dvcgen import CODE
+def _code_paths(stages: dict[str, dict]) -> set[str]:
+    """The deps of dvc.yaml that are code: the project's modules (``flows.code_deps``) rather than data."""
+    from flows.code_deps import PACKAGES
 
-    return {p for paths in CODE.values() for p in paths}
+    return {d for block in stages.values() for d in block.get("deps", []) if d.split("/")[0] in PACKAGES}
 
 
 def _hash(dep):

@@ -14,44 +14,56 @@ permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
 ``generators`` (approximate-gradient-descent and MMD losses for implicit
 generators), ``ema`` (weight averaging),
 ``metrics`` (Fréchet distance, KID, Inception score, precision/recall, streaming
-moments), ``features`` (FID Inception-v3, a LeNet classifier as feature extractors).
-Each module's ``__all__`` is re-exported here.
+moments), ``features`` (the extractor protocol, a LeNet classifier), ``inception``
+(the FID Inception-v3).
+
+Each module's ``__all__`` is available here too (``stein_core.ksd``), imported on first use: importing
+``stein_core`` loads no submodule, so code that imports one submodule depends on that submodule alone (a DVC
+stage lists exactly the files it imports, and a new module reruns nothing). Code in this project imports the
+submodule itself (``from stein_core.discrepancies import ksd``); ``tests/unit/test_imports.py`` holds this table
+equal to the modules' ``__all__``.
 """
 
-from . import (
-    discrepancies,
-    distributions,
-    ema,
-    features,
-    generators,
-    kernels,
-    metrics,
-    nets,
-    samplers,
-    score_estimators,
-    score_matching,
-    tests_stat,
-)
-from .discrepancies import *  # noqa: F403
-from .distributions import *  # noqa: F403
-from .ema import *  # noqa: F403
-from .features import *  # noqa: F403
-from .generators import *  # noqa: F403
-from .kernels import *  # noqa: F403
-from .metrics import *  # noqa: F403
-from .nets import *  # noqa: F403
-from .samplers import *  # noqa: F403
-from .score_estimators import *  # noqa: F403
-from .score_matching import *  # noqa: F403
-from .tests_stat import *  # noqa: F403
+from __future__ import annotations
 
-__all__ = sorted(
-    {
-        name
-        for module in (
-            discrepancies, distributions, ema, features, generators, kernels, metrics, nets, samplers,
-            score_estimators, score_matching, tests_stat,
-        )
-        for name in module.__all__
-    }
-)
+import importlib
+
+#: Every public name -> its submodule.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "discrepancies": ("Kernel", "LinearStatistic", "MaxSKSDResult", "get_ksd_fn", "get_mmd_fn", "get_sksd_fn", "ksd",
+                      "ksd_linear", "maxsksd", "median_rbf", "mmd", "mmd_linear", "sksd", "sliced_stein_kernel_matrix",
+                      "stein_kernel_matrix"),
+    "distributions": ("GaussianMixture", "score_from_log_prob"),
+    "ema": ("EMA", "unwrap_model"),
+    "features": ("ClassifierFeatures", "FeatureExtractor", "LeNetClassifier", "accuracy", "state_dict_fingerprint"),
+    "generators": ("get_agd_gradient_fn", "get_agd_loss_fn", "get_kernel_fn", "get_mmd_loss_fn"),
+    "inception": ("FIDInceptionV3", "InceptionV3FID"),
+    "kernels": ("DeepKernel", "IMQ", "RBF", "RadialKernel", "SumKernel", "grad_x_sum_autograd", "gram_and_grad_x_sum",
+                "imq_mixture", "median_heuristic", "sq_dists"),
+    "metrics": ("MeanStd", "PrecisionRecall", "StreamingMoments", "frechet_distance", "frechet_distance_from_samples",
+                "inception_score", "kid", "precision_recall"),
+    "nets": ("ConvGenerator", "MLPGenerator", "NoiseConditionalConvNet", "NoiseConditionalMLP"),
+    "samplers": ("ChainResult", "MHState", "Sampler", "ULAState", "UnderdampedState", "annealed_langevin", "hmc",
+                 "langevin_step", "mala", "run_chain", "rwmh", "tempered", "ula", "underdamped_langevin"),
+    "score_estimators": ("DEFAULT_ETA_REL", "SSGE", "fit_ssge", "fit_stein_gradient", "ssge", "stein_gradient_estimator",
+                         "stein_gradient_predict"),
+    "score_matching": ("geometric_sigmas", "get_dsm_loss_fn", "get_score_matching_loss_fn", "score_from_energy"),
+    "tests_stat": ("KernelTestResult", "SlicedTestResult", "ksd_test", "mmd_permutation_test", "sksd_test",
+                   "wild_bootstrap"),
+}
+MODULES = tuple(_EXPORTS)
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = name if name in _EXPORTS else _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stein_core' has no attribute {name!r}")
+    mod = importlib.import_module(f"stein_core.{module}")
+    return mod if name == module else getattr(mod, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_MODULE_OF})

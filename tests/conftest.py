@@ -131,7 +131,7 @@ def s3_server():
     from pathlib import Path
 
     from flows.local import stop_process_group
-    from tasks.runtime import free_port
+    from tasks.infra.runtime import free_port
 
     port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
@@ -151,3 +151,20 @@ def s3_server():
         yield S3Server(endpoint)
     finally:
         stop_process_group(proc, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def assert_resumed_where_it_stopped():
+    """A check of a training's output: every ``resuming from the checkpoint of step S`` line of a restarted Ray
+    Train worker is followed by the loop's own ``resumed: first step run S+1``, so a worker that announced a resume
+    but trained from step 0 again (ending with the same weights: a step is a pure function of (seed, step)) fails."""
+    import re
+
+    def check(out: str) -> list[int]:
+        resumed = [int(s) for s in re.findall(r"\[train\] resuming from the checkpoint of step (\d+)/", out)]
+        first = [int(s) for s in re.findall(r"\[train\] resumed: first step run (\d+)/", out)]
+        assert resumed, "no resume in the output"
+        assert first == [s + 1 for s in resumed], f"resumed from steps {resumed}, but first ran steps {first}"
+        return resumed
+
+    return check

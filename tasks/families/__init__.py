@@ -1,36 +1,73 @@
 """The model families: one module each, registered here by name (the ``family:`` key of a train section).
 
-Adding a family: a module in this folder with its train section (a subclass of ``tasks.config.TrainBase`` with
-``family: Literal["<name>"]``) and a :class:`~tasks.families.base.Family` subclass, and one line in
-``_FAMILY_CLASSES`` below. The training loop, the stages, DVC, MLflow and the CLI need no change.
+Adding a family: a module ``<name>.py`` in this folder with its train section (a subclass of
+``tasks.config.sections.TrainBase`` with ``family: Literal["<name>"]``), a :class:`~tasks.families.base.Family`
+subclass named ``<name>``, and ``FAMILY = <the subclass>()`` at its end. Nothing else changes: not this file, the
+training loop, the stages, DVC, MLflow or the CLI. Modules whose names start with ``_`` and those in
+:data:`SHARED` are helpers the families share, not families.
+
+A family's module is imported when a pipeline first asks for that family (:data:`FAMILIES` is a lazy mapping):
+a stage imports the family its config names and no other, so DVC lists that module among the stage's code deps
+(``flows.code_deps``), and adding or editing another family reruns nothing of this pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field
-
-from tasks.config import UNION_TAGS, ConfigError
-from tasks.families.agd import AGDFamily
+from tasks.config.sections import ConfigError
 from tasks.families.base import Family, Model, StepContext, TrainState
-from tasks.families.mmd import MMDFamily
-from tasks.families.ncsn import NCSNFamily
 
-_FAMILY_CLASSES: tuple[type[Family], ...] = (NCSNFamily, AGDFamily, MMDFamily)
+#: Modules of this folder that are not families: what the families share.
+SHARED = frozenset({"base", "sampling"})
 
-#: Every family by its ``family:`` name.
-FAMILIES: dict[str, Family] = {cls.name: cls() for cls in _FAMILY_CLASSES}
-UNION_TAGS.update(FAMILIES)
 
-#: A train section, chosen by its ``family`` key.
-TrainSection = Annotated[
-    NCSNFamily.config | AGDFamily.config | MMDFamily.config, Field(discriminator="family")
-]
+def _family_names() -> tuple[str, ...]:
+    """The family modules of this folder, in a fixed order (the first three as they were registered)."""
+    found = {m.stem for m in Path(__file__).parent.glob("*.py") if not m.stem.startswith("_") and m.stem not in SHARED}
+    first = [n for n in ("ncsn", "agd", "mmd") if n in found]
+    return (*first, *sorted(found - set(first)))
 
-__all__ = ["FAMILIES", "Family", "Model", "StepContext", "TrainSection", "TrainState", "get_family", "load_model",
+
+class _Families(Mapping[str, Family]):
+    """Family name -> :class:`Family`, importing a family's module (``tasks.families.<name>``) on first access."""
+
+    def __init__(self):
+        self._names: tuple[str, ...] | None = None
+        self._loaded: dict[str, Family] = {}
+
+    def _all(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = _family_names()
+        return self._names
+
+    def __getitem__(self, name: str) -> Family:
+        if name not in self._loaded:
+            if name not in self._all():
+                raise KeyError(name)
+            family = importlib.import_module(f"{__name__}.{name}").FAMILY
+            if family.name != name:
+                raise RuntimeError(f"{__name__}.{name}.FAMILY is named {family.name!r}: a family's module bears its name")
+            self._loaded[name] = family
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+#: Every family by its ``family:`` name (lazy: ``FAMILIES[name]`` imports that family's module alone).
+FAMILIES: Mapping[str, Family] = _Families()
+
+__all__ = ["FAMILIES", "Family", "Model", "StepContext", "TrainState", "get_family", "load_model",
            "model_checkpoint", "model_payload", "module_checkpoint"]
 
 
@@ -68,7 +105,7 @@ def model_payload(family: Family, cfg, state: Mapping[str, Any]) -> dict[str, An
 def load_model(path: str | Path, *, device: str = "cpu", sampler=None) -> Model:
     """The model in a checkpoint written by the train stage, ready to sample (with the sample section
     ``sampler``, or the family's default) and, where its family has one, to score."""
-    from tasks.io import load_checkpoint
+    from tasks.data.io import load_checkpoint
 
     ckpt = load_checkpoint(path)
     if "family" not in ckpt or "modules" not in ckpt:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from tasks.config import TrainBase, _Section
+from tasks.config.sections import TrainBase, _Section
 from tasks.families.base import Family, Model, StepContext, TrainState, build_from_checkpoint
 
 
@@ -42,7 +42,7 @@ class GeneratorKernel(_Section):
     bandwidth: Annotated[float, Field(gt=0, le=1e6)] | Literal["median"] = "median"
 
     def make(self):
-        from stein_core import get_kernel_fn
+        from stein_core.generators import get_kernel_fn
 
         return get_kernel_fn(scales=tuple(self.scales), beta=self.beta, bandwidth=self.bandwidth)
 
@@ -82,7 +82,7 @@ class GeneratorFamily(Family):
         raise NotImplementedError
 
     def build(self, cfg: GeneratorTrain, shape):
-        from stein_core import ConvGenerator, MLPGenerator
+        from stein_core.nets import ConvGenerator, MLPGenerator
 
         net = cfg.net
         if net.kind == "conv":

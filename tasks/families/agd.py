@@ -34,7 +34,11 @@ class AGDFamily(GeneratorFamily):
     loss_key = "kl_grad_norm"
 
     def objective(self, cfg: AGDTrain, device):
-        from stein_core import get_agd_loss_fn
+        from stein_core.generators import get_agd_loss_fn
 
         return get_agd_loss_fn(cfg.kernel.make(), estimator=cfg.estimator, eta=cfg.eta, eta_rel=cfg.eta_rel,
                                n_eigen=cfg.n_eigen, eigen_threshold=cfg.eigen_threshold)
+
+
+#: The family this module registers (``tasks.families.FAMILY_MODULES``).
+FAMILY = AGDFamily()

@@ -4,7 +4,7 @@ A family (one module in this folder) says how to build its modules from its trai
 training step (any number of modules and optimisers; it returns named scalar metrics), what a checkpoint holds
 beyond the weights, and how a checkpoint becomes a :class:`Model` that samples and, where the family has one,
 scores. Everything else (the Ray Train loop, DDP, minibatches, checkpoints and resume, the non-finite guard,
-MLflow logging, the stages) is written once in :mod:`tasks.training` and the stage modules.
+MLflow logging, the stages) is written once in :mod:`tasks.stages.train.loop` and the stage modules.
 
 Distributed training contract. Every rank sees the whole *global* minibatch (drawn from the step's generator,
 the same on every rank) and the same step generator; ``ctx.local(t)`` is the rank's slice of a global tensor.
@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tasks.config import TrainBase
+from tasks.config.sections import TrainBase
 
 
 @dataclass
@@ -88,13 +88,13 @@ class Model:
 def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
     """Module ``name`` of a model checkpoint: its class (one of ``allowed``, from ``stein_core``) rebuilt from
     its constructor arguments, with the checkpoint's weights loaded."""
-    import stein_core
-    from tasks.config import ConfigError
+    from stein_core import nets
+    from tasks.config.sections import ConfigError
 
     cls = ckpt.get("classes", {}).get(name)
     if cls not in allowed:
         raise ConfigError("checkpoint", f"classes.{name}", f"{cls!r} is not a network of this family ({', '.join(allowed)})")
-    net = getattr(stein_core, cls)(**ckpt["model_args"][name])
+    net = getattr(nets, cls)(**ckpt["model_args"][name])
     net.load_state_dict(ckpt["modules"][name])
     return net
 

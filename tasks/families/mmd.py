@@ -20,6 +20,10 @@ class MMDFamily(GeneratorFamily):
     loss_key = "mmd2"
 
     def objective(self, cfg: MMDTrain, device):
-        from stein_core import get_mmd_loss_fn
+        from stein_core.generators import get_mmd_loss_fn
 
         return get_mmd_loss_fn(cfg.kernel.make())
+
+
+#: The family this module registers (``tasks.families.FAMILY_MODULES``).
+FAMILY = MMDFamily()

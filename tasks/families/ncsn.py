@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import TrainBase, _Section
+from tasks.config.sections import TrainBase, _Section
 from tasks.families.base import Family, Model, StepContext, TrainState
 
 
@@ -54,13 +54,13 @@ class NCSNTrain(TrainBase):
 
 
 def _sigmas(cfg: NCSNTrain, device="cpu"):
-    from stein_core import geometric_sigmas
+    from stein_core.score_matching import geometric_sigmas
 
     return geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_sigmas, device=device)
 
 
 def build_score_net(net_cfg: MLPScoreNet | ConvScoreNet, embed_dim: int, shape: tuple[int, ...]):
-    from stein_core import NoiseConditionalConvNet, NoiseConditionalMLP
+    from stein_core.nets import NoiseConditionalConvNet, NoiseConditionalMLP
 
     if net_cfg.kind == "conv":
         if len(shape) != 3:
@@ -100,7 +100,7 @@ class ScoreNetModel(Model):
     def sample(self, n: int, *, generator, callback=None):
         import torch
 
-        from stein_core import annealed_langevin, langevin_step
+        from stein_core.samplers import annealed_langevin, langevin_step
 
         s = self.sampler
         if s is None:
@@ -133,12 +133,12 @@ class NCSNFamily(Family):
         return {"score": build_score_net(cfg.net, cfg.embed_dim, shape)}
 
     def init_extra(self, cfg: NCSNTrain, modules):
-        from stein_core import EMA
+        from stein_core.ema import EMA
 
         return {"ema": EMA(modules["score"], decay=cfg.ema_decay)} if cfg.ema_decay > 0 else {}
 
     def objective(self, cfg: NCSNTrain, device):
-        from stein_core import get_dsm_loss_fn
+        from stein_core.score_matching import get_dsm_loss_fn
 
         return get_dsm_loss_fn(_sigmas(cfg, device))
 
@@ -178,3 +178,7 @@ class NCSNFamily(Family):
 
     def live_model(self, state: TrainState, cfg: NCSNTrain, shape):
         return None  # annealed Langevin inside the training loop would cost more than the training itself
+
+
+#: The family this module registers (``tasks.families.FAMILY_MODULES``).
+FAMILY = NCSNFamily()

@@ -119,12 +119,12 @@ def _train_run(repo: Path):
 
 
 def _weights(repo: Path) -> dict[str, torch.Tensor]:
-    from tasks.io import load_checkpoint
+    from tasks.data.io import load_checkpoint
 
     return load_checkpoint(repo / "models" / "gmm2d" / "model.pt")["modules"]["score"]
 
 
-def test_killed_runs_resume_or_leave_nothing_half_written(repo, prefect_api):
+def test_killed_runs_resume_or_leave_nothing_half_written(repo, prefect_api, assert_resumed_where_it_stopped):
     # 1. kill -9 `stein run` once the training has a checkpoint that Ray Train registered
     kill_stein_run_when(repo, prefect_api, _registered_checkpoint(repo), "registered checkpoint")
     assert not (repo / "models" / "gmm2d" / "model.pt").exists()
@@ -132,6 +132,7 @@ def test_killed_runs_resume_or_leave_nothing_half_written(repo, prefect_api):
     # 2. run again: the train stage resumes the same Ray Train run (named after its inputs)
     resumed = stein(repo, "run", "gmm2d", prefect_api=prefect_api)
     assert RESUMED in resumed.stdout + resumed.stderr
+    assert_resumed_where_it_stopped(resumed.stdout + resumed.stderr)
     resumed_metrics = json.loads((repo / "metrics" / "gmm2d.json").read_text())
     resumed_weights = _weights(repo)
     resumed_fit = _train_run(repo).data.metrics["fit_seconds"]

@@ -102,6 +102,7 @@ def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProce
     # the module's server; Prefect's home as `stein run` would set it without PREFECT_API_URL (not ~/.prefect)
     env["PREFECT_API_URL"] = prefect_api
     env["PREFECT_HOME"] = str(repo / ".stein" / "prefect")
+    env["STEIN_RECORD_IMPORTS"] = str(repo / ".stein" / "imports.jsonl")  # what each stage process loaded
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
     return proc
@@ -115,6 +116,21 @@ def runs(repo: Path, pipeline: str = "gmm2d"):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def assert_stage_imports_are_deps(repo: Path, pipeline: str) -> None:
+    """Every project file a stage process of ``pipeline`` loaded (recorded by ``stein stage`` at its exit) is one
+    of the stage's dvc.yaml deps, or wiring: the real run's imports, not only the entry point's."""
+    from flows.code_deps import is_wiring
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    records = [json.loads(ln) for ln in (repo / ".stein" / "imports.jsonl").read_text().splitlines()]
+    ours = [r for r in records if r["stage"].startswith(pipeline + "-") and r["stage"] in stages]
+    assert {f"{pipeline}-{s}" for s in ("prepare", "train", "sample", "evaluate")} <= {r["stage"] for r in ours}
+    for r in ours:
+        deps = set(stages[r["stage"]]["deps"])
+        missing = [f for f in r["files"] if f not in deps and not is_wiring(f)]
+        assert missing == [], f"{r['stage']} loaded {missing}, which are not in its dvc.yaml deps"
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -123,6 +139,7 @@ def test_pipeline_end_to_end(repo, prefect_api):
     # 1. the first run reproduces every stage and writes every output
     first = stein(repo, "run", "gmm2d", prefect_api=prefect_api)
     assert first.returncode == 0
+    assert_stage_imports_are_deps(repo, "gmm2d")
     for rel in ("data/gmm2d/train.parquet", "data/gmm2d/test.parquet", "models/gmm2d/model.pt",
                 "samples/gmm2d/samples.parquet", "plots/gmm2d/samples.png", "plots/gmm2d/score_field.png",
                 "plots/gmm2d/train_loss.csv", "plots/gmm2d/checkpoints.csv", "plots/gmm2d/checkpoints.png", "dvc.lock"):
@@ -182,7 +199,7 @@ def test_pipeline_end_to_end(repo, prefect_api):
     import torch
 
     from tasks.families import load_model
-    from tasks.tracking import load_registered_model
+    from tasks.tracking.log import load_registered_model
 
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     registered, local = load_registered_model("gmm2d", 1, root=repo), load_model(repo / "models/gmm2d/model.pt")
@@ -264,7 +281,7 @@ def test_digits_pipeline_end_to_end(repo, prefect_api):
     assert metrics["classifier_test_accuracy"] >= 0.3
     for png in ("samples.png", "nearest.png"):
         assert (repo / "plots/digits" / png).stat().st_size > 5_000
-    from tasks.io import load_checkpoint, read_dataset
+    from tasks.data.io import load_checkpoint, read_dataset
 
     ckpt = load_checkpoint(repo / "models/digits/model.pt")
     assert ckpt["family"] == "ncsn" and ckpt["classes"] == {"score": "NoiseConditionalConvNet"}
@@ -294,7 +311,7 @@ def test_ring8_agd_generator_trained_by_stein_gradients(repo, prefect_api):
     # 120 steps from a random MLP: the samples are not yet the ring (the real run's figures are in bench/RESULTS.md)
     # but they already beat a standard normal, whose mean log-density under the ring is about -30 (measured).
     assert metrics["log_likelihood"] > -30 and metrics["mmd"] > metrics["ref_mmd"]
-    from tasks.io import load_checkpoint, read_dataset
+    from tasks.data.io import load_checkpoint, read_dataset
 
     ckpt = load_checkpoint(repo / "models/ring8-agd/model.pt")
     assert ckpt["family"] == "agd" and ckpt["classes"] == {"generator": "MLPGenerator"} and ckpt["step"] == 120
@@ -316,10 +333,11 @@ def test_digits_mmd_generator_end_to_end(repo, prefect_api):
     its samples images in [0, 1], FID/KID/precision/recall on the pipeline's own classifier features."""
     proc = stein(repo, "run", "digits-mmd", prefect_api=prefect_api)
     assert proc.returncode == 0
+    assert_stage_imports_are_deps(repo, "digits-mmd")
     metrics = json.loads((repo / "metrics" / "digits-mmd.json").read_text())
     assert {"fid", "ref_fid", "kid", "precision", "recall", "mmd", "ref_mmd"} <= set(metrics)
     assert metrics["fid"] > metrics["ref_fid"]  # 20 steps: far from the data
-    from tasks.io import load_checkpoint, read_dataset
+    from tasks.data.io import load_checkpoint, read_dataset
 
     ckpt = load_checkpoint(repo / "models/digits-mmd/model.pt")
     assert ckpt["family"] == "mmd" and ckpt["classes"] == {"generator": "ConvGenerator"} and ckpt["shape"] == [1, 8, 8]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime import free_port
+from tasks.infra.runtime import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 

@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def digits_split(tmp_path_factory):
-    from tasks.config import ImagePrepare
-    from tasks.prepare import prepare_images
+    from tasks.config.sections import ImagePrepare
+    from tasks.stages.prepare import prepare_images
 
     d = tmp_path_factory.mktemp("digits")
     prepare_images.fn(ImagePrepare(source="digits", seed=0), d / "train.parquet", d / "test.parquet")
@@ -26,7 +26,7 @@ def mlp_checkpoint():
 
         from stein_core import NoiseConditionalMLP
         from tasks.families import module_checkpoint
-        from tasks.io import save_torch
+        from tasks.data.io import save_torch
 
         torch.manual_seed(0)
         net = NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)

@@ -58,8 +58,8 @@ def build_repo(dst: Path, copy_project) -> Path:
     from flows.registry import PIPELINES
     from stein_core import NoiseConditionalMLP
     from tasks.families import module_checkpoint
-    from tasks.prepare import prepare_mixture
-    from tasks.io import save_torch, write_dataset, write_json
+    from tasks.stages.prepare import prepare_mixture
+    from tasks.data.io import save_torch, write_dataset, write_json
 
     def small(dst: Path) -> None:
         conf = dst / "conf" / "gmm2d.yaml"
@@ -208,7 +208,7 @@ def _points(x: np.ndarray):
 
 
 def _nan_rows(path: Path) -> None:
-    from tasks.io import read_dataset
+    from tasks.data.io import read_dataset
 
     x = read_dataset(path).x
     x[[5, 9, 12]] = np.nan
@@ -216,7 +216,7 @@ def _nan_rows(path: Path) -> None:
 
 
 def _inf_row(path: Path) -> None:
-    from tasks.io import read_dataset
+    from tasks.data.io import read_dataset
 
     x = read_dataset(path).x
     x[2, 1] = np.inf
@@ -225,7 +225,7 @@ def _inf_row(path: Path) -> None:
 
 def _no_mixture(path: Path) -> None:
     """The same points, without the mixture the prepare stage records in the metadata."""
-    from tasks.io import read_dataset, write_dataset
+    from tasks.data.io import read_dataset, write_dataset
 
     write_dataset(path, read_dataset(path).x)
 
@@ -271,8 +271,8 @@ READ_CASES = [
 
 @pytest.mark.parametrize("name,spoil,fragment", READ_CASES, ids=[c[0] for c in READ_CASES])
 def test_read_dataset_names_file_and_column(tmp_path, name, spoil, fragment):
-    from tasks.config import ConfigError
-    from tasks.io import read_dataset, write_dataset
+    from tasks.config.sections import ConfigError
+    from tasks.data.io import read_dataset, write_dataset
 
     path = tmp_path / "samples.parquet"
     write_dataset(path, np.random.default_rng(0).normal(size=(300, 2)))

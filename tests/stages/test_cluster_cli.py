@@ -122,9 +122,10 @@ def test_ray_address_of_the_projects_cluster_is_recognised_and_a_stopped_head_is
     timeout. The record's head is a process that has exited."""
     import time as _time
 
-    from tasks.cluster import init_ray, recorded_cluster_for
-    from tasks.config import ConfigError
-    from tasks.runtime import RuntimeSettings
+    from tasks.infra.cluster import recorded_cluster_for
+    from tasks.infra.ray_client import init_ray
+    from tasks.config.sections import ConfigError
+    from tasks.infra.runtime import RuntimeSettings
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -22,8 +22,8 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import main
-from tasks import compare as cmp
-from tasks.compare import TRAIN_KEYS, collect_curves, collect_table, latest_runs
+from tasks.tracking import compare as cmp
+from tasks.tracking.compare import TRAIN_KEYS, collect_curves, collect_table, latest_runs
 
 STEPS_PER_EPOCH = 20000 / 256  # n_train / batch_size
 N_STEPS, LOG_EVERY, HELDOUT_EVERY = 1000, 100, 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -12,8 +14,8 @@ from click.testing import CliRunner
 
 from flows.cli import main
 from flows.registry import PIPELINES
-from tasks.config import ConfigError, load_config
-from tasks.pipelines import GenerativeConfig
+from tasks.config.sections import ConfigError, load_config
+from tasks.config.pipelines import GenerativeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,22 +152,23 @@ def test_a_second_stein_run_fails_at_once_naming_the_first(project):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def _numbers_without_upper_bound(model, seen=None) -> list[str]:
+def _numbers_without_upper_bound(model, seen=None, bounds=None) -> list[str]:
     """Dotted names of the int/float fields (also inside lists, unions and nested sections) reachable from
-    ``model`` that have no ``le``/``lt`` bound."""
+    ``model`` that have no ``le``/``lt`` bound (or none of ``bounds``, annotated_types classes)."""
     import typing
 
     import annotated_types
     from pydantic import BaseModel
 
     seen = set() if seen is None else seen
+    bounds = bounds or (annotated_types.Le, annotated_types.Lt)
     if model in seen:
         return []
     seen.add(model)
     missing = []
 
     def walk(tp, metadata, where):
-        bounded = any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in metadata)
+        bounded = any(isinstance(m, bounds) for m in metadata)
         origin = typing.get_origin(tp)
         if origin is typing.Annotated:
             base, *meta = typing.get_args(tp)
@@ -179,7 +182,7 @@ def _numbers_without_upper_bound(model, seen=None) -> list[str]:
         elif origin is list:
             walk(typing.get_args(tp)[0], [], f"{where}[]")
         elif isinstance(tp, type) and issubclass(tp, BaseModel):
-            missing.extend(f"{where}.{m}" for m in _numbers_without_upper_bound(tp, seen))
+            missing.extend(f"{where}.{m}" for m in _numbers_without_upper_bound(tp, seen, bounds))
         elif tp in (int, float) and not bounded:
             missing.append(where)
 
@@ -192,10 +195,75 @@ def test_every_number_of_every_section_has_an_upper_bound():
     """`n_samples: 1e11` must fail at validation, not run for days: every int and float of every config section
     (every family's too) is bounded above."""
     from tasks.families import FAMILIES
-    from tasks.pipelines import GenerativeConfig, ResampleConfig
-    from tasks.runtime import RuntimeSettings
+    from tasks.config.pipelines import GenerativeConfig, ResampleConfig
+    from tasks.infra.runtime import RuntimeSettings
 
     missing = []
     for root in (GenerativeConfig, ResampleConfig, RuntimeSettings, *(f.config for f in FAMILIES.values())):
         missing += [f"{root.__name__}: {m}" for m in _numbers_without_upper_bound(root)]
     assert not missing, missing
+
+
+def _roots():
+    from tasks.config.pipelines import GenerativeConfig, ResampleConfig
+    from tasks.families import FAMILIES
+    from tasks.infra.runtime import RuntimeSettings
+
+    return (GenerativeConfig, ResampleConfig, RuntimeSettings, *(f.config for f in FAMILIES.values()))
+
+
+def test_every_number_of_every_section_has_a_lower_bound():
+    """`sample.n_samples: 0` or a negative step size must fail at validation, not deep inside a stage: every int
+    and float of every config section (every family's too) is bounded below."""
+    import annotated_types
+
+    missing = []
+    for root in _roots():
+        missing += [f"{root.__name__}: {m}" for m in _numbers_without_upper_bound(root, bounds=(annotated_types.Ge, annotated_types.Gt))]
+    assert not missing, missing
+
+
+def _numeric_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numeric_leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numeric_leaves(v, f"{prefix}{i}.")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix[:-1]
+
+
+def _set(tree, dotted: str, value):
+    tree = copy.deepcopy(tree)
+    *path, last = dotted.split(".")
+    node = tree
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return tree
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_shipped_number_refuses_a_value_below_its_bound(name, tmp_path):
+    """Each number of each shipped config, set far below any sensible value (a huge negative, then 0 where the
+    shipped value is a positive integer: a count or a size), fails validation naming that key (a list entry: its
+    list)."""
+    raw = yaml.safe_load((REPO / "conf" / f"{name}.yaml").read_text())
+    spec = PIPELINES[name]
+    leaves = list(_numeric_leaves(raw))
+    assert leaves
+    for key in leaves:
+        value = functools.reduce(lambda n, p: n[int(p)] if isinstance(n, list) else n[p], key.split("."), raw)
+        # 0 is a value for a seed, and for heldout_every ("no held-out curve")
+        zero_ok = key.endswith(("seed", "heldout_every"))
+        for bad in ([-1e12] if isinstance(value, float) else [-10**12]) + ([0] if isinstance(value, int) and value > 0 and not zero_ok else []):
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(_set(raw, key, bad)))
+            named = ".".join(p for p in key.split(".") if not p.isdigit())
+            with pytest.raises(ConfigError) as err:
+                load_config(path, spec.config_model)
+            assert err.value.key is not None and err.value.key.startswith(named), (key, bad, str(err.value))

@@ -10,8 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from tasks.config import ConfigError
-from tasks.datasets import load_cifar10_batches, load_digits_8x8, load_mnist_idx, split_train_test
+from tasks.config.sections import ConfigError
+from tasks.data.sources import load_cifar10_batches, load_digits_8x8, load_mnist_idx, split_train_test
 
 
 def test_digits_shape_range_and_count():

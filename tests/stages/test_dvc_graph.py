@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from flows.registry import PIPELINES
-from tasks.evaluation import EvalInputs, plot_files, required_inputs
+from tasks.stages.evaluate.inputs import EvalInputs, plot_files, required_inputs
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_CODE = {"stein_core", "tasks/config.py", "tasks/io.py", "tasks/families", "tasks/sampling.py",
-             "tasks/sample_metrics.py", "tasks/evaluation.py", "tasks/evaluate.py", "tasks/plots.py", "flows/evaluate.py"}
+EVAL_CODE = {"stein_core/tests_stat.py", "stein_core/discrepancies.py", "tasks/config/sections.py", "tasks/data/io.py",
+             "tasks/families/sampling.py", "tasks/stages/evaluate/features.py", "tasks/stages/evaluate/metrics.py",
+             "tasks/stages/evaluate/task.py", "tasks/stages/evaluate/plots.py", "flows/evaluate.py"}
 
 
 def _names(entries) -> set[str]:
@@ -64,4 +65,5 @@ def test_train_stage_versions_every_checkpoint(stages, name):
     paths = spec.paths(Path("."))
     train = stages[spec.dvc_stage("train")]
     assert {str(paths.model), str(paths.checkpoints)} <= set(train["outs"])
-    assert str(paths.train) in train["deps"] and {"tasks/families", "tasks/training.py"} <= set(train["deps"])
+    family = f"tasks/families/{spec.family(REPO)}.py"
+    assert str(paths.train) in train["deps"] and {family, "tasks/stages/train/loop.py"} <= set(train["deps"])

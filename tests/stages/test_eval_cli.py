@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import main
-from tasks.io import save_checkpoint, write_dataset
+from tasks.data.io import save_checkpoint, write_dataset
 
 
 def _eval(*args) -> dict:
@@ -43,8 +43,9 @@ def digits_classifier(tmp_path_factory):
     """A LeNet trained on 80% of sklearn's digits (the same recipe the evaluation issue ships)."""
     import torch
 
-    from stein_core import accuracy, train_classifier
-    from tasks.datasets import load_digits_8x8, split_train_test
+    from stein_core.features import accuracy
+    from tasks.stages.classifier import train_classifier
+    from tasks.data.sources import load_digits_8x8, split_train_test
 
     data = load_digits_8x8()
     x_tr, y_tr, x_te, y_te = split_train_test(data.x, data.labels, 0.2, seed=0)

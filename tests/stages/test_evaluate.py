@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import ConfigError, Evaluate
-from tasks.evaluate import evaluate_samples
-from tasks.evaluation import EvalInputs, required_inputs
-from tasks.io import read_dataset, save_torch, write_dataset
+from tasks.config.sections import ConfigError, Evaluate
+from tasks.stages.evaluate.task import evaluate_samples
+from tasks.stages.evaluate.inputs import EvalInputs, required_inputs
+from tasks.data.io import read_dataset, save_torch, write_dataset
 
 SPEC = {"weights": [0.8, 0.2], "means": [[-5.0, -5.0], [5.0, 5.0]], "stds": [1.0, 1.0]}
 TOY = ["ksd_target", "mmd", "mode_weight", "log_likelihood"]
@@ -149,8 +149,8 @@ def test_pixel_metrics_and_model_ksd_for_images(tmp_path):
 
 def test_classifier_features_separate_real_from_scrambled_digits(tmp_path, digits_split):
     """Held-out-like digits as 'samples' score like the train-vs-test reference; shuffled pixels score far worse."""
-    from tasks.classifier import train_feature_classifier
-    from tasks.config import ClassifierTrain
+    from tasks.stages.classifier import train_feature_classifier
+    from tasks.config.sections import ClassifierTrain
 
     train_feature_classifier.fn(
         ClassifierTrain(), train_path=digits_split / "train.parquet", test_path=digits_split / "test.parquet",
@@ -183,11 +183,11 @@ def test_classifier_features_separate_real_from_scrambled_digits(tmp_path, digit
 def test_checkpoints_are_sampled_and_evaluated_in_ray_tasks(toy):
     """Two checkpoints, untrained and trained (1000 steps of the bare DSM loop), each sampled and evaluated in its own Ray task:
     rows sorted by step, a CSV and a figure, and the trained checkpoint scoring better."""
-    from tasks.config import AnnealedLangevinSample
+    from tasks.config.sections import AnnealedLangevinSample
     from tasks.families import FAMILIES, model_payload
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import checkpoint_name
-    from tasks.training import Hooks, fit
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import checkpoint_name
+    from tasks.stages.train.loop import Hooks, fit
 
     d, inputs = toy
     family = FAMILIES["ncsn"]
@@ -219,3 +219,31 @@ def test_checkpoints_are_sampled_and_evaluated_in_ray_tasks(toy):
         _run(ecfg, {"samples": d / "good.parquet"}, EvalInputs(test=inputs.test, model=inputs.model, checkpoints=d / "empty"),
              d / "out2", sampler=sampler)
     assert not (d / "out2").exists()
+
+
+def test_mode_coverage_counts_modes_holding_a_quarter_of_their_share():
+    """A ring of 8 equal modes (share 1/8 each; a mode counts from a quarter of that, 31.25 of 1000 samples):
+    a collapsed generator covers 1, samples of the ring itself 8, and a set that starves two modes 6 - the
+    mode holding 32 samples counts, the one holding 30 does not (a threshold of 0, or of a full share, fails)."""
+    import math
+    from types import SimpleNamespace
+
+    from stein_core.distributions import GaussianMixture
+    from tasks.stages.evaluate.metrics import SampleSet, _mode_coverage
+
+    means = [[2 * math.cos(2 * math.pi * k / 8), 2 * math.sin(2 * math.pi * k / 8)] for k in range(8)]
+    ring = GaussianMixture([1 / 8] * 8, means, [0.05] * 8)
+    data = SimpleNamespace(mixture=ring, mixture_weights=[1 / 8] * 8)
+    gen = torch.Generator().manual_seed(3)
+
+    def covered(counts: list[int]) -> float:
+        x = torch.cat([torch.tensor(means[k], dtype=torch.float64) + 0.05 * torch.randn(c, 2, generator=gen, dtype=torch.float64)
+                       for k, c in enumerate(counts) if c])
+        return _mode_coverage(data, SampleSet("s", x, x))["modes_covered"]
+
+    assert covered([1000, 0, 0, 0, 0, 0, 0, 0]) == 1
+    assert covered([125] * 8) == 8
+    assert covered([160, 160, 160, 160, 160, 148, 32, 0]) == 7  # mode 6 (32 >= 31.25) counts, mode 7 (0) does not
+    assert covered([160, 160, 160, 160, 160, 150, 30, 20]) == 6  # 30 and 20 < 31.25
+    x = ring.sample(1000, generator=gen)[0].double()
+    assert _mode_coverage(data, SampleSet("s", x, x))["modes_covered"] == 8

@@ -1,6 +1,6 @@
 """Fault tolerance of training, proven by killing things: a Ray Train worker killed with SIGKILL mid-training is
 restarted from the last checkpoint Train registered, and a training whose driver was killed resumes when it runs
-again with the same inputs (the Ray Train run is named after them, :func:`tasks.train.training_run_name`), from
+again with the same inputs (the Ray Train run is named after them, :func:`tasks.stages.train.task.training_run_name`), from
 the project's folder or from S3-compatible storage. Either way the final weights are those of an uninterrupted
 run: the loop is a pure function of (seed, step), so replayed steps (Train can lose a checkpoint reported in the
 ~2 s before a crash) change nothing."""
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tasks.families import FAMILIES
-from tasks.training import fit
+from tasks.stages.train.loop import fit
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = {"family": "ncsn", "n_steps": 2500, "batch_size": 32, "log_every": 250, "checkpoint_every": 250, "lr": 3e-3,
@@ -43,7 +43,7 @@ def reference():
 
 
 def _assert_weights_of(reference_state: dict, model_path: Path) -> None:
-    from tasks.io import load_checkpoint
+    from tasks.data.io import load_checkpoint
 
     ckpt = load_checkpoint(model_path)
     assert ckpt["step"] == CFG["n_steps"]
@@ -77,8 +77,8 @@ def _wait_for(predicate, what: str, timeout: float = 240, proc: subprocess.Popen
 
 
 def _train(project: Path, **settings):
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_model
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import train_model
 
     return train_model.fn(
         _cfg(), data_path=project / "train.parquet", heldout_path=None, model_path=project / "model.pt",
@@ -102,7 +102,7 @@ def _ray_train_workers() -> list[psutil.Process]:
 def test_the_run_name_follows_the_inputs(tmp_path):
     """Same config and inputs: the same name (a killed run resumes); any change of config, data or code (a file
     inside an input folder): another name (a fresh run). Byte-code is not an input."""
-    from tasks.train import training_run_name
+    from tasks.stages.train.task import training_run_name
 
     data, code = tmp_path / "train.parquet", tmp_path / "code"
     data.write_bytes(b"rows")
@@ -122,10 +122,11 @@ def test_the_run_name_follows_the_inputs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.heavy  # Ray Train's own restart (FailureConfig); the node kill of tests/e2e/test_cluster.py is heavy too
-def test_a_killed_ray_train_worker_is_restarted_from_the_last_checkpoint(project, reference, capfd):
+def test_a_killed_ray_train_worker_is_restarted_from_the_last_checkpoint(project, reference, capfd,
+                                                                        assert_resumed_where_it_stopped):
     """SIGKILL to the (only) Ray Train worker once a checkpoint exists: Train restarts the worker group, the new
     worker resumes from the checkpoint, and the final weights equal the uninterrupted run's."""
-    from tasks.io import write_dataset
+    from tasks.data.io import write_dataset
 
     data, ref = reference
     write_dataset(project / "train.parquet", data.numpy())
@@ -151,6 +152,7 @@ def test_a_killed_ray_train_worker_is_restarted_from_the_last_checkpoint(project
     with capfd.disabled():
         print(f"\nworker killed: a new worker {killed[0]:.1f} s later, its first checkpoint {killed[1]:.1f} s later")
     assert RESUMED in out, out[-3000:]
+    assert_resumed_where_it_stopped(out)
     assert info["steps"] == CFG["n_steps"]
     _assert_weights_of(ref, project / "model.pt")
     steps = sorted(int(p.stem.split("_")[1]) for p in (project / "checkpoints").iterdir())
@@ -162,8 +164,8 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 from tasks.families import FAMILIES
-from tasks.runtime import RuntimeSettings
-from tasks.train import train_model
+from tasks.infra.runtime import RuntimeSettings
+from tasks.stages.train.task import train_model
 
 project, cfg, storage = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
 train_model.fn(
@@ -208,12 +210,13 @@ def _kill_driver_after_a_checkpoint(project: Path, has_checkpoint, storage_arg: 
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.parametrize("where", ["project", "s3"])
-def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request):
+def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request,
+                                                                  assert_resumed_where_it_stopped):
     """The whole training killed with SIGKILL after a checkpoint (driver, Ray, worker: as when ``stein run`` dies),
     then run again with the same inputs: it resumes from that run's last checkpoint (in the project's
     .stein/ray_results, or in an S3 bucket through ``STEIN_RAY_STORAGE``) and ends with the uninterrupted run's
     weights; the finished run is removed from the storage."""
-    from tasks.io import write_dataset
+    from tasks.data.io import write_dataset
 
     data, ref = reference
     write_dataset(project / "train.parquet", data.numpy())
@@ -240,6 +243,7 @@ def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, refe
     info = _train(project, **({"ray_storage": storage[0]} if storage else {}))
     out = capfd.readouterr().out
     assert RESUMED in out, out[-3000:]
+    assert_resumed_where_it_stopped(out)
     assert info["steps"] == CFG["n_steps"]
     _assert_weights_of(ref, project / "model.pt")
     if where == "s3":

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import main
-from tasks.io import write_dataset
+from tasks.data.io import write_dataset
 
 
 def _gof(path, *args):

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ConfigError
-from tasks.io import atomic_path, load_checkpoint, read_dataset, save_checkpoint, write_dataset
+from tasks.config.sections import ConfigError
+from tasks.data.io import atomic_path, load_checkpoint, read_dataset, save_checkpoint, write_dataset
 
 
 def test_parquet_round_trip_keeps_values_shape_and_metadata(tmp_path):

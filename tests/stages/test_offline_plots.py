@@ -1,7 +1,7 @@
 """`dvc plots show`, typed as a user types it, writes a page that draws every plot of dvc.yaml without a network.
 
 DVC's own page loads Vega, Vega-Lite and Vega-Embed from a CDN (its CSV plots are blank offline); .dvc/config names
-the project's template instead (``tasks.offline_plots``: the libraries inlined from the pinned vl-convert-python),
+the project's template instead (``tasks.infra.offline_plots``: the libraries inlined from the pinned vl-convert-python),
 which every ``stein`` command writes when it is missing. Checked here in a copy of the repository whose plot files
 are stand-ins (a fresh clone has none: they are pipeline outputs):
 
@@ -174,7 +174,7 @@ def test_the_template_is_written_once_in_a_dvc_project_and_never_elsewhere(tmp_p
     written where there is no .dvc folder (a `stein` command run outside a project must not make one)."""
     import os
 
-    from tasks.offline_plots import MARKER, ensure_template
+    from tasks.infra.offline_plots import MARKER, ensure_template
 
     assert ensure_template(tmp_path) is None and not (tmp_path / ".dvc").exists()
     (tmp_path / ".dvc").mkdir()

@@ -1,4 +1,4 @@
-"""The MLflow pipeline run and the model registry (tasks/tracking.py) on a real SQLite store, without DVC or Prefect:
+"""The MLflow pipeline run and the model registry (tasks/tracking/log.py) on a real SQLite store, without DVC or Prefect:
 the run's name and flat params, what filling it logs, the cached tag, a registered model that loads back without
 unpickling code, and the grouping of ``dvc exp run`` stages under one pipeline run per DVC experiment.
 
@@ -29,7 +29,7 @@ def store(tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / '.stein' / 'mlflow.db'}")
     for var in ("STEIN_PARENT_RUN_ID", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         mp.delenv(var, raising=False)
-    from tasks.tracking import setup_mlflow
+    from tasks.tracking.log import setup_mlflow
 
     client = setup_mlflow(root).MlflowClient()
     yield root, client, head
@@ -53,7 +53,7 @@ def _results(root, name: str, metrics: dict):
 
 
 def test_pipeline_run_is_named_carries_the_config_and_marks_a_run_where_nothing_ran(store):
-    from tasks.tracking import create_pipeline_run, fill_pipeline_run
+    from tasks.tracking.log import create_pipeline_run, fill_pipeline_run
 
     root, client, head = store
     run_id = create_pipeline_run(client, "p-cached", config=CONFIG, root=root)
@@ -81,7 +81,7 @@ def test_pipeline_run_is_named_carries_the_config_and_marks_a_run_where_nothing_
 
 
 def test_many_params_and_a_named_run(store):
-    from tasks.tracking import create_pipeline_run
+    from tasks.tracking.log import create_pipeline_run
 
     root, client, _ = store
     config = {"big": {f"k{i:03d}": i for i in range(250)}, "text": {"long": "x" * 7000}}  # > 100 params: 3 batches
@@ -95,8 +95,8 @@ def test_registered_model_loads_back_and_links_the_pipeline_runs(store, mlp_chec
     import torch
 
     from tasks.families import load_model
-    from tasks.io import file_md5
-    from tasks.tracking import (
+    from tasks.data.io import file_md5
+    from tasks.tracking.log import (
         create_pipeline_run, fill_pipeline_run, load_registered_model, model_version_of, register_model,
     )
 
@@ -124,7 +124,7 @@ def test_registered_model_loads_back_and_links_the_pipeline_runs(store, mlp_chec
     torch.manual_seed(1)
     from stein_core import NoiseConditionalMLP
     from tasks.families import module_checkpoint
-    from tasks.io import save_torch
+    from tasks.data.io import save_torch
 
     save_torch(other, module_checkpoint("ncsn", {"score": NoiseConditionalMLP(dim=2, hidden=16, n_layers=2, embed_dim=8)},
                                         shape=[2], sigmas=[3.0, 1.0, 0.3]))
@@ -145,7 +145,7 @@ def test_dvc_experiment_stages_share_one_pipeline_run_per_experiment(store, monk
     """What each stage of a `dvc exp run` does first (flows/registry.run_stage): find or create its experiment's
     pipeline run. Two stages of one experiment share it (reopened as RUNNING); another experiment, or the same
     name from another baseline commit, gets its own; under `stein run` (a parent run id set) it does nothing."""
-    from tasks.tracking import experiment_group_run
+    from tasks.tracking.log import experiment_group_run
 
     root, client, _ = store
     assert experiment_group_run(client, "p-exp", config=CONFIG, root=root) is None  # not in an experiment
@@ -171,13 +171,13 @@ def test_stein_runs_fast_reader_equals_mlflow(store):
     """`stein runs` reads the SQLite store's tables directly (no MLflow import); it must return exactly what
     MLflow's client returns, for every pipeline run this module logged (and none of the stage runs), in the same
     order, with `--last` applied per pipeline."""
-    from tasks.runs import recent_runs, recent_runs_sqlite, sqlite_store
-    from tasks.tracking import create_pipeline_run, tracking_uri
+    from tasks.tracking.runs import recent_runs, recent_runs_sqlite, sqlite_store
+    from tasks.tracking.log import create_pipeline_run, tracking_uri
 
     root, client, _ = store
     for i in range(3):  # same start millisecond is possible: MLflow breaks ties by run id, so must the reader
         create_pipeline_run(client, "p-order", config={"sample": {"eps": 10.0 ** -i}}, root=root, name=f"r{i}")
-    from tasks.tracking import fill_pipeline_run
+    from tasks.tracking.log import fill_pipeline_run
 
     metrics_file, plots = _results(root, "p-order", {"mmd": 0.25})
     fill_pipeline_run(client, create_pipeline_run(client, "p-order", config={}, root=root, name="c"),

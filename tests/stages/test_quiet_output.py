@@ -4,7 +4,7 @@ a UI that does not exist, and telemetry off in every entry point of the project 
 - Ray Train with another Ray running on the machine: Train's placement-group cleaner (a detached actor) used to
   look "the" Ray up among every ``gcs_server`` of the machine and die with ``ConnectionError: Found multiple active
   Ray instances``, a traceback in the driver's output; Train V2 logged "Reporting training result N: ..." for every
-  ``ray.train.report``. Both are set right by ``tasks.ray_worker.setup``, the workers' set-up hook.
+  ``ray.train.report``. Both are set right by ``tasks.infra.ray_worker.setup``, the workers' set-up hook.
 - Prefect printed "View at http://127.0.0.1:PORT/runs/flow-run/..." for every flow run against the server
   ``stein run`` starts, which has no UI and is gone when the run ends; a server the user names keeps its links.
 - Each entry point, started with none of the project's offline settings in its environment, has all of them in
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime import OFFLINE_ENV
+from tasks.infra.runtime import OFFLINE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -51,7 +51,7 @@ def other_ray(tmp_path_factory):
         while True:
             time.sleep(1)
     """)
-    # on loopback only, as the project's own local Ray (tasks.cluster.init_ray)
+    # on loopback only, as the project's own local Ray (tasks.infra.ray_client.init_ray)
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as out:
@@ -73,7 +73,7 @@ TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
 
-from tasks.runtime import RuntimeSettings, apply_offline_env
+from tasks.infra.runtime import RuntimeSettings, apply_offline_env
 
 apply_offline_env()  # as every stage command does
 import logging
@@ -81,8 +81,8 @@ logging.basicConfig(level=logging.INFO)
 
 import torch
 from tasks.families import FAMILIES
-from tasks.io import write_dataset
-from tasks.train import train_model
+from tasks.data.io import write_dataset
+from tasks.stages.train.task import train_model
 
 d = Path(sys.argv[1])
 g = torch.Generator().manual_seed(0)
@@ -134,19 +134,19 @@ def test_the_worker_setup_hook_names_the_logger_train_reports_with():
 
     from ray.train.v2._internal.execution import context
 
-    from tasks.ray_worker import train_report_logger_name
+    from tasks.infra.ray_worker import train_report_logger_name
 
     assert context.logger.name == train_report_logger_name()
     assert context.logger is logging.getLogger(train_report_logger_name())
 
 
 def test_ray_runtime_env_runs_the_worker_setup_hook(tmp_path):
-    from tasks.cluster import ray_runtime_env
-    from tasks.runtime import RuntimeSettings
+    from tasks.infra.ray_client import ray_runtime_env
+    from tasks.infra.runtime import RuntimeSettings
 
     for settings in (RuntimeSettings(), RuntimeSettings(ray_address="ray://head:10001", ray_ship_code=True)):
         env = ray_runtime_env(settings, tmp_path, 1)
-        assert env["worker_process_setup_hook"] == "tasks.ray_worker.setup"
+        assert env["worker_process_setup_hook"] == "tasks.infra.ray_worker.setup"
 
 
 FLOW_SCRIPT = """
@@ -253,7 +253,7 @@ def test_every_entry_point_turns_telemetry_off_before_any_tool_starts(tmp_path, 
     """Started from an environment with none of OFFLINE_ENV's settings (not under `make`), each entry point -- and
     each process it starts (`stein run`'s DVC, `stein ui`'s and `stein server`'s MLflow) -- has every one of them
     when it first imports Ray, MLflow, Prefect or DVC."""
-    from tasks.runtime import free_port
+    from tasks.infra.runtime import free_port
 
     project = tmp_path / "project"  # a project to run in: the configs and dvc.yaml of this one, in git for DVC
     (project / "conf").mkdir(parents=True)
@@ -275,8 +275,8 @@ def test_every_entry_point_turns_telemetry_off_before_any_tool_starts(tmp_path, 
         "stein ui": (_stein("ui", "--port", str(free_port())), {}),
         "stein server": (_stein("server", "--port", str(free_port())), {}),
         "stein worker": (_stein("worker"), {"PREFECT_API_URL": fake_prefect_api}),
-        "python -m tasks.cluster (a node's launcher)": (
-            [sys.executable, "-m", "tasks.cluster", "--name", "probe", "--head", "--port", str(free_port()),
+        "python -m tasks.infra.cluster (a node's launcher)": (
+            [sys.executable, "-m", "tasks.infra.cluster", "--name", "probe", "--head", "--port", str(free_port()),
              "--num-cpus", "1", "--object-store-bytes", str(100 * 2**20), "--ready-file", str(tmp_path / "ready")],
             {}),
     }

@@ -10,10 +10,10 @@ import pytest
 def test_a_config_error_in_a_ray_task_arrives_as_itself(project, tmp_path):
     import ray
 
-    from tasks.cluster import init_ray, ray_map
-    from tasks.config import ConfigError
-    from tasks.io import read_dataset, write_dataset
-    from tasks.runtime import RuntimeSettings
+    from tasks.infra.ray_client import init_ray, ray_map
+    from tasks.config.sections import ConfigError
+    from tasks.data.io import read_dataset, write_dataset
+    from tasks.infra.runtime import RuntimeSettings
 
     good = tmp_path / "good.parquet"
     write_dataset(good, [[0.0, 1.0]] * 3)

@@ -86,9 +86,9 @@ class _Watcher(threading.Thread):
 @pytest.mark.slow
 def test_a_local_ray_listens_on_loopback_only_and_requires_its_token(project):
     from tasks.families import FAMILIES
-    from tasks.io import write_dataset
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_model
+    from tasks.data.io import write_dataset
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import train_model
 
     g = torch.Generator().manual_seed(0)
     write_dataset(project / "train.parquet", torch.randn(256, 2, generator=g).numpy())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime import free_port
+from tasks.infra.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"

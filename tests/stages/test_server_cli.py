@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.runtime import free_port
-from tasks.server import ADMIN_PASSWORD_ENV, SECRET_KEY_ENV, ServerSetupError, TrackingServer, check_admin_password
+from tasks.infra.runtime import free_port
+from tasks.infra.server import ADMIN_PASSWORD_ENV, SECRET_KEY_ENV, ServerSetupError, TrackingServer, check_admin_password
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "correct-horse-battery-staple"
@@ -160,7 +160,7 @@ def test_stein_server_serves_the_project_store_and_stops_with_the_command(projec
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         import mlflow
 
-        from tasks.tracking import experiment_id, stage_run
+        from tasks.tracking.log import experiment_id, stage_run
 
         out = project / "out.txt"
         out.write_text("hello\n")
@@ -200,8 +200,8 @@ def test_ray_workers_get_the_server_and_user_and_only_a_joined_cluster_the_passw
     """Rank 0 logs with the driver's MLflow settings. A local Ray's workers inherit the password from the driver;
     Ray writes every runtime env into its session logs, so the password travels there only to a cluster Ray joins
     (whose workers inherit nothing from us)."""
-    from tasks.cluster import ray_runtime_env
-    from tasks.runtime import RuntimeSettings
+    from tasks.infra.ray_client import ray_runtime_env
+    from tasks.infra.runtime import RuntimeSettings
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import AnnealedLangevinSample, MixturePrepare, RingPrepare
-from tasks.io import read_dataset
-from tasks.prepare import prepare_mixture
-from tasks.sample import sample_model
+from tasks.config.sections import AnnealedLangevinSample, MixturePrepare, RingPrepare
+from tasks.data.io import read_dataset
+from tasks.stages.prepare import prepare_mixture
+from tasks.stages.sample import sample_model
 
 
 def test_prepare_writes_seeded_mixture(project):
@@ -62,7 +62,7 @@ def test_sample_is_reproducible_and_tagged(project, mlp_checkpoint):
 
 
 def test_langevin_sampler_is_reproducible_and_records_its_settings(project, mlp_checkpoint):
-    from tasks.config import LangevinSample
+    from tasks.config.sections import LangevinSample
 
     model = mlp_checkpoint(project / "models" / "m.pt", sigmas=(3.0, 1.0, 0.3))
     cfg = LangevinSample(sampler="langevin", seed=5, n_samples=200, step_size=1e-2, n_steps=20, init_std=2.0, batch_size=128)
@@ -76,8 +76,8 @@ def test_langevin_sampler_is_reproducible_and_records_its_settings(project, mlp_
 
 
 def test_prepare_digits_split_and_shape(project):
-    from tasks.config import ImagePrepare
-    from tasks.prepare import prepare_images
+    from tasks.config.sections import ImagePrepare
+    from tasks.stages.prepare import prepare_images
 
     info = prepare_images.fn(ImagePrepare(source="digits", seed=3, test_fraction=0.2), project / "tr.parquet", project / "te.parquet")
     tr, te = read_dataset(project / "tr.parquet"), read_dataset(project / "te.parquet")
@@ -88,8 +88,8 @@ def test_prepare_digits_split_and_shape(project):
 
 
 def test_prepare_mnist_without_files_names_the_folder(project):
-    from tasks.config import ConfigError, ImagePrepare
-    from tasks.prepare import prepare_images
+    from tasks.config.sections import ConfigError, ImagePrepare
+    from tasks.stages.prepare import prepare_images
 
     cfg = ImagePrepare(source="mnist", path=str(project / "no-mnist-here"))
     with pytest.raises(ConfigError) as info:
@@ -98,9 +98,9 @@ def test_prepare_mnist_without_files_names_the_folder(project):
 
 
 def test_classifier_stage_reaches_accuracy_and_caches_reference_stats(tmp_path, digits_split):
-    from tasks.classifier import train_feature_classifier
-    from tasks.config import ClassifierTrain
-    from tasks.io import load_checkpoint
+    from tasks.stages.classifier import train_feature_classifier
+    from tasks.config.sections import ClassifierTrain
+    from tasks.data.io import load_checkpoint
 
     info = train_feature_classifier.fn(
         ClassifierTrain(), train_path=digits_split / "train.parquet", test_path=digits_split / "test.parquet",
@@ -113,8 +113,8 @@ def test_classifier_stage_reaches_accuracy_and_caches_reference_stats(tmp_path, 
 
 
 def test_classifier_stage_fails_below_min_accuracy_and_writes_nothing(tmp_path, digits_split):
-    from tasks.classifier import ClassifierTooWeak, train_feature_classifier
-    from tasks.config import ClassifierTrain
+    from tasks.stages.classifier import ClassifierTooWeak, train_feature_classifier
+    from tasks.config.sections import ClassifierTrain
 
     with pytest.raises(ClassifierTooWeak, match="min_accuracy"):
         train_feature_classifier.fn(

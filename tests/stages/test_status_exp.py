@@ -8,7 +8,7 @@
   placeholder files, would fail).
 - ``stein exp`` with a key the config lacks, or a value it refuses, exits 2 before DVC starts and leaves the config
   byte for byte as it was.
-- The venv hook (``tasks/venv_hook.py``, installed by ``make install``): the venv's Python started with
+- The venv hook (``tasks/infra/venv_hook.py``, installed by ``make install``): the venv's Python started with
   ``PATH=/usr/bin:/bin`` puts the venv's bin first and turns telemetry off, keeping a value the user set; and a
   ``dvc exp run`` of gmm2d started as ``.venv/bin/dvc`` from a shell without the venv on PATH runs its stages with
   the venv's ``python`` (a copy with real data and a seeded untrained model: only sample and evaluate run, small).
@@ -166,25 +166,28 @@ def test_changed_param_names_key_values_and_downstream(repo, restore):
 
 
 def test_changed_code_names_the_file(repo, restore):
-    with open(repo / "tasks" / "sample.py", "a") as f:
+    with open(repo / "tasks" / "stages" / "sample.py", "a") as f:
         f.write("# an edit\n")
     stages = by_stage(status_json(repo))
     assert list(stages) == ["gmm2d-sample", "gmm2d-evaluate"]
-    assert stages["gmm2d-sample"]["code"] == [{"path": "tasks/sample.py", "change": "modified", "files": None}]
+    assert stages["gmm2d-sample"]["code"] == [{"path": "tasks/stages/sample.py", "change": "modified", "files": None}]
     assert stages["gmm2d-sample"]["params"] == [] and stages["gmm2d-evaluate"]["code"] == []
     assert stages["gmm2d-evaluate"]["upstream"] == ["gmm2d-sample"]
 
-    # inside a code directory: the files themselves, found by matching dvc.lock's hash of it against git's versions
+    # a stein_core module: the stages that import it, and no other; a new module and the generator objectives
+    # (which gmm2d never imports): nothing
     with open(repo / "stein_core" / "kernels.py", "a") as f:
+        f.write("# an edit\n")
+    with open(repo / "stein_core" / "generators.py", "a") as f:
         f.write("# an edit\n")
     (repo / "stein_core" / "extra.py").write_text("X = 1\n")
     stages = by_stage(status_json(repo))
-    assert list(stages) == ["gmm2d-prepare", "gmm2d-train", "gmm2d-sample", "gmm2d-evaluate"]
-    (core,) = [c for c in stages["gmm2d-prepare"]["code"] if c["path"] == "stein_core"]
-    assert core["files"] == [{"path": "stein_core/extra.py", "change": "new"},
-                             {"path": "stein_core/kernels.py", "change": "modified"}]
+    assert list(stages) == ["gmm2d-train", "gmm2d-sample", "gmm2d-evaluate"]
+    kernels = {"path": "stein_core/kernels.py", "change": "modified", "files": None}
+    assert stages["gmm2d-train"]["code"] == [kernels] and kernels in stages["gmm2d-evaluate"]["code"]
+    assert all(c["path"] != "stein_core/generators.py" for s in stages.values() for c in s["code"])
     text = stein(repo, "status", "gmm2d").stdout
-    assert "code      stein_core/kernels.py (modified)" in text and "code      tasks/sample.py (modified)" in text
+    assert "code      stein_core/kernels.py (modified)" in text and "code      tasks/stages/sample.py (modified)" in text
 
 
 def test_missing_output_is_checked_out_of_the_cache(repo):
@@ -256,7 +259,7 @@ def test_exp_refuses_a_bad_key_or_value_before_dvc(repo, override, key, says):
 def test_venv_hook_sets_path_and_telemetry():
     """The venv's Python started from a shell without the venv: its bin first on PATH, telemetry off; a value the user
     set is kept; an activated venv's PATH is left as it is."""
-    from tasks.venv_hook import PTH_NAME, TELEMETRY_OFF, pth_line
+    from tasks.infra.venv_hook import PTH_NAME, TELEMETRY_OFF, pth_line
 
     import sysconfig
 
@@ -302,8 +305,8 @@ def real_repo(tmp_path_factory, project_copier) -> Path:
     from flows.registry import PIPELINES
     from stein_core import NoiseConditionalMLP
     from tasks.families import module_checkpoint
-    from tasks.io import save_torch
-    from tasks.prepare import prepare_mixture
+    from tasks.data.io import save_torch
+    from tasks.stages.prepare import prepare_mixture
 
     dst = project_copier(tmp_path_factory.mktemp("exp") / "repo", params={"gmm2d": SMALL}, commit=False)
     (dst / "dvc.yaml").write_text(render(dst))

@@ -1,4 +1,4 @@
-"""The one training loop (``tasks.training.fit``) for every family: deterministic resume, the non-finite guard,
+"""The one training loop (``tasks.stages.train.loop.fit``) for every family: deterministic resume, the non-finite guard,
 and N Ray Train workers computing what one worker computes with the same global batch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tasks.families import FAMILIES
-from tasks.training import Hooks, TrainingDiverged, fit
+from tasks.stages.train.loop import Hooks, TrainingDiverged, fit
 
 FAMILY_CFG = {
     "ncsn": {"net": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "n_sigmas": 4, "ema_decay": 0.9},
@@ -107,7 +107,8 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(data):
 
 
 @pytest.mark.slow
-# agd is heavy (25 s, make test-all): ncsn exercises the same DDP path in make test
+# agd is heavy (25 s, make test-all): ncsn exercises Ray Train's DDP path in make test, and
+# tests/stages/test_ddp_contract.py checks every family's gradients under DDP (the world-size scaling)
 @pytest.mark.parametrize("family", ["ncsn", pytest.param("agd", marks=pytest.mark.heavy)])
 def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
     """Ray Train with 2 DDP workers (gloo, CPU) against the bare loop with the same global batch: the final
@@ -115,9 +116,9 @@ def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
     averages per-example losses over each rank's slice; ``agd`` couples the whole batch through kernel matrices
     and gathers the generator batch across the ranks. Also checks what the stage writes: every checkpoint, the
     model and the curves."""
-    from tasks.io import load_checkpoint, write_dataset
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_model
+    from tasks.data.io import load_checkpoint, write_dataset
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import train_model
 
     cfg = _cfg(family, n_steps=30, checkpoint_every=15, heldout_every=10 if family == "agd" else 0, heldout_n=100)
     write_dataset(project / "train.parquet", data.numpy())
@@ -155,10 +156,10 @@ def test_a_diverging_run_fails_the_train_stage_and_keeps_its_last_good_checkpoin
     minibatch draws it (found by replaying the (seed, step) generator); the stage raises with that step and the place of the
     checkpoints Ray kept, no model is written, and the last kept checkpoint is from before the bad step. The run
     is not retried: a retry from the checkpoint would diverge at the same step."""
-    from tasks.io import write_dataset
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_model
-    from tasks.training import STATE_FILE, step_generator
+    from tasks.data.io import write_dataset
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import train_model
+    from tasks.stages.train.loop import STATE_FILE, step_generator
 
     cfg = _cfg("ncsn", n_steps=200, batch_size=16, checkpoint_every=5, log_every=5)
     x = data.clone()
@@ -192,9 +193,9 @@ def test_bad_data_inside_a_ray_worker_arrives_as_the_config_error_and_is_not_ret
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.config import ConfigError
-    from tasks.runtime import RuntimeSettings
-    from tasks.train import train_model
+    from tasks.config.sections import ConfigError
+    from tasks.infra.runtime import RuntimeSettings
+    from tasks.stages.train.task import train_model
 
     x = data.numpy().copy()
     x[[3, 11]] = np.nan

@@ -1,21 +1,15 @@
-"""Feature extractors: FID Inception-v3 (random weights, the real file is never downloaded) and the LeNet classifier."""
+"""Feature extractors: FID Inception-v3 (random weights, the real file is never downloaded; the pipeline's loader of
+the local file) and the LeNet classifier (with the classifier stage's training function)."""
 
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from stein_core.features import (
-    INCEPTION_FID_SHA256_PREFIX,
-    INCEPTION_WEIGHTS_ENV_VAR,
-    ClassifierFeatures,
-    FeatureExtractor,
-    FIDInceptionV3,
-    InceptionV3FID,
-    LeNetClassifier,
-    accuracy,
-    sha256_file,
-    train_classifier,
-)
+from stein_core.features import ClassifierFeatures, FeatureExtractor, LeNetClassifier, accuracy
+from stein_core.inception import FIDInceptionV3, InceptionV3FID
+from tasks.data.io import sha256_file
+from tasks.stages.classifier import train_classifier
+from tasks.stages.evaluate.features import INCEPTION_FID_SHA256_PREFIX, INCEPTION_WEIGHTS_ENV_VAR, load_inception
 
 # ------------------------------------------------------------------------------------------- Inception
 
@@ -146,7 +140,7 @@ def test_inception_input_validation(inception):
 def test_inception_from_file(tmp_path, inception):
     missing = tmp_path / "nowhere" / "pt_inception.pth"
     with pytest.raises(FileNotFoundError) as err:
-        InceptionV3FID.from_file(missing)
+        load_inception(missing)
     msg = str(err.value)
     assert str(missing) in msg and INCEPTION_WEIGHTS_ENV_VAR in msg and "pt_inception-2015-12-05" in msg
 
@@ -154,11 +148,11 @@ def test_inception_from_file(tmp_path, inception):
     torch.save(inception.net.state_dict(), path)
     digest = sha256_file(path)
     with pytest.raises(ValueError) as err:
-        InceptionV3FID.from_file(path)
+        load_inception(path)
     assert INCEPTION_FID_SHA256_PREFIX in str(err.value) and digest in str(err.value)
 
     # Strict loading of a file with this layout works and gives back the same weights.
-    loaded = InceptionV3FID.from_file(path, check_hash=False)
+    loaded = load_inception(path, check_hash=False)
     assert loaded.fingerprint() == inception.fingerprint()
 
     # A file with a missing key fails strict loading.
@@ -166,7 +160,7 @@ def test_inception_from_file(tmp_path, inception):
     del sd["fc.bias"]
     torch.save(sd, path)
     with pytest.raises(RuntimeError, match="fc.bias"):
-        InceptionV3FID.from_file(path, check_hash=False)
+        load_inception(path, check_hash=False)
 
 
 def test_inception_fingerprint_tracks_weights():

@@ -1,0 +1,34 @@
+"""What every ``stein`` command module shares: the environment set-up and the exit on bad input (code 2).
+
+Kept apart from :mod:`flows.cli.main` so that the command modules it registers (``flows/cli/*.py``) can import these
+without importing the module that imports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from tasks.infra.runtime import apply_offline_env, project_root
+
+EXIT_USAGE = 2
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _setup() -> Path:
+    apply_offline_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = project_root()
+    from tasks.infra.offline_plots import ensure_template_quietly
+
+    ensure_template_quietly(root)  # the page `dvc plots show` draws offline with, when missing (.dvc/config names it)
+    return root

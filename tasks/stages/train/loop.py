@@ -1,0 +1,331 @@
+"""The one training loop, for every model family, and the Ray Train worker around it.
+
+Prefect-free: a Ray worker imports this module to unpickle its loop, and every import here is paid once per
+worker process at the start of each fit.
+
+Determinism (DESIGN.md): the minibatch of step t is a pure function of ``(seed, t)`` (a generator seeded from the
+pair draws the global batch's indices, and the family draws the step's other randomness from it), every rank
+draws the same global batch and takes its slice, and a checkpoint holds the weights, every optimiser and
+scheduler, the family's extra state (an EMA) and the histories. Hence N workers compute what one worker computes
+with the global batch, and a run resumed from a checkpoint ends with the weights of an uninterrupted one: the
+only random state is the step number.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config.sections import ConfigError
+from tasks.families import FAMILIES, Family, StepContext, TrainState
+
+STATE_FILE = "state.pt"
+#: The file of a marker checkpoint, and the metric key, by which a worker reports an error no retry can mend.
+FATAL = "FATAL"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or a weight became NaN or infinite; the message names the step, the metric and the last good
+    checkpoint."""
+
+
+def step_generator(seed: int, step: int, device):
+    """The generator of step ``step``: a pure function of (seed, step), the same on every rank."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
+
+
+def _scheduler(cfg, optimizer):
+    import torch
+
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+
+
+def _first_nonfinite(metrics: dict[str, float], modules: dict[str, Any]) -> str | None:
+    """The name of the first non-finite metric, or of a module with a non-finite weight; None if all finite."""
+    import torch
+
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            return f"{name} = {value}"
+    for name, module in modules.items():
+        params = [p.detach() for p in module.parameters()]
+        # one reduction per module: a NaN or inf anywhere makes the sum of sums non-finite
+        if params and not torch.isfinite(torch.stack([p.sum() for p in params]).sum()):
+            bad = next(n for n, p in module.named_parameters() if not torch.isfinite(p).all())
+            return f"weight {name}.{bad}"
+    return None
+
+
+@dataclass
+class Hooks:
+    """What the loop reports: ``on_log(step, metrics, info)`` every ``log_every`` steps (rank 0; metrics
+    averaged over the steps since the last log and over the ranks; info: epoch, seconds, seconds_per_epoch,
+    samples_per_s and, when due, mmd_heldout), ``on_checkpoint(state, final)`` every ``checkpoint_every`` steps
+    and at the end (every rank: with DDP each rank reports), ``on_first_step(step)`` once, after the first step
+    this call of the loop ran (1-based: ``resume["step"] + 1`` when resumed; every rank)."""
+
+    on_log: Callable[[int, dict[str, float], dict[str, float]], None] | None = None
+    on_checkpoint: Callable[[dict, bool], None] | None = None
+    on_first_step: Callable[[int], None] | None = None
+
+
+def _all_reduce_mean(values: list[float], world: int, device) -> list[float]:
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def _heldout_mmd(model, heldout, n: int, seed: int) -> float:
+    """MMD² (U, IMQ c=1, β=-1/2: the evaluate stage's kernel) between ``n`` model samples and the held-out rows."""
+    import torch
+
+    from stein_core.discrepancies import mmd
+    from stein_core.kernels import IMQ
+
+    gen = torch.Generator(device=heldout.device).manual_seed(seed * 31 + 5)  # the same z at every evaluation
+    x = model.sample(n, generator=gen)
+    return float(mmd(x.double(), heldout.double(), IMQ(c=1.0, beta=-0.5)))
+
+
+def fit(
+    family: Family,
+    cfg,
+    data,
+    shape: tuple[int, ...],
+    *,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable = lambda module: module,
+    resume: dict | None = None,
+    heldout=None,
+    hooks: Hooks | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``family`` on ``data`` ``[n, d]`` (a tensor on ``device``; examples of ``shape`` flattened) -> the
+    final training state.
+
+    ``wrap`` turns each module with trainable parameters into what is trained (``ray.train.torch.prepare_model``
+    for DDP; identity for one process); ``resume`` is a state from an earlier checkpoint; ``heldout`` a
+    ``[m, d]`` tensor of held-out rows for ``train/mmd_heldout``; ``stop_after`` ends the loop after that step
+    (a test's stand-in for a crash). Raises :class:`TrainingDiverged` at the first non-finite metric or weight.
+    """
+    import torch
+
+    if cfg.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is not a multiple of the {world} workers: every rank "
+                         "takes an equal slice of the global batch")
+    hooks = hooks or Hooks()
+    n = data.shape[0]
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    modules = {k: m.to(device) for k, m in family.build(cfg, shape).items()}
+    trained = {k: (wrap(m) if any(p.requires_grad for p in m.parameters()) else m) for k, m in modules.items()}
+    optimizers = family.optimizers(cfg, modules)
+    schedulers = {k: _scheduler(cfg, opt) for k, opt in optimizers.items()}
+    extra = family.init_extra(cfg, modules)
+    state = TrainState(modules=modules, trained=trained, optimizers=optimizers, extra=extra,
+                       objective=family.objective(cfg, device))
+
+    start, history, heldout_rows, train_seconds = 0, [], [], 0.0
+    if resume is not None:
+        for k, m in modules.items():
+            m.load_state_dict(resume["modules"][k])
+        for group, objs in (("optimizers", optimizers), ("schedulers", schedulers), ("extra", extra)):
+            for k, obj in objs.items():
+                obj.load_state_dict(resume[group][k])
+        start, history = resume["step"], [dict(h) for h in resume["history"]]
+        heldout_rows, train_seconds = [dict(h) for h in resume["heldout"]], float(resume["train_seconds"])
+    steps_per_epoch = n / cfg.batch_size
+    last_good = resume["step"] if resume is not None else None
+
+    def snapshot(done: int) -> dict:
+        # a deep copy: state_dict() shares storage with the live weights, which the next steps change in place
+        return copy.deepcopy({
+            "family": family.name, "step": done, "shape": list(shape), "n_train": n,
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "classes": {k: type(m).__name__ for k, m in modules.items()},
+            "model_args": {k: dict(m.model_args) for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "extra": {k: e.state_dict() for k, e in extra.items()},
+            "history": [dict(h) for h in history], "heldout": [dict(h) for h in heldout_rows],
+            "train_seconds": train_seconds,
+        })
+
+    sums: dict[str, float] = {}
+    count = 0
+    window_seconds = 0.0
+    final = snapshot(start)
+    end = cfg.n_steps if stop_after is None else min(cfg.n_steps, stop_after)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        gen = step_generator(cfg.seed, step, device)
+        batch = data[torch.randint(n, (cfg.batch_size,), generator=gen, device=device)]
+        ctx = StepContext(step=step, rank=rank, world=world, generator=gen, device=device)
+        metrics = {k: float(v) for k, v in family.step(state, batch, ctx, cfg).items()}  # one device sync each
+        for s in schedulers.values():
+            s.step()
+        bad = _first_nonfinite(metrics, modules)
+        if bad is not None:
+            where = f"the last good checkpoint is step {last_good}" if last_good is not None else "no checkpoint was written before it"
+            raise TrainingDiverged(f"training diverged at step {step + 1}: non-finite {bad}; {where}")
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        window_seconds += dt
+        done = step + 1
+        if step == start and hooks.on_first_step is not None:
+            hooks.on_first_step(done)
+        if done % cfg.log_every == 0 or done == cfg.n_steps:
+            keys = sorted(sums)
+            means = dict(zip(keys, _all_reduce_mean([sums[k] / count for k in keys], world, device)))
+            info = {
+                "epoch": done / steps_per_epoch, "seconds": train_seconds,
+                "seconds_per_epoch": window_seconds / count * steps_per_epoch,
+                "samples_per_s": count * cfg.batch_size / max(window_seconds, 1e-12),
+            }
+            history.append({"step": done, **means})
+            if rank == 0 and heldout is not None and cfg.heldout_every and done % cfg.heldout_every == 0:
+                live = family.live_model(state, cfg, shape)
+                if live is not None:
+                    info["mmd_heldout"] = _heldout_mmd(live, heldout, cfg.heldout_n, cfg.seed)
+                    heldout_rows.append({"step": done, "epoch": info["epoch"], "seconds": train_seconds,
+                                         "mmd_heldout": info["mmd_heldout"]})
+            if rank == 0 and hooks.on_log is not None:
+                hooks.on_log(done, means, info)
+            sums, count, window_seconds = {}, 0, 0.0
+        if done % cfg.checkpoint_every == 0 or done == cfg.n_steps:
+            final = snapshot(done)
+            last_good = done
+            if hooks.on_checkpoint is not None:
+                hooks.on_checkpoint(final, done == cfg.n_steps)
+    return final if stop_after is None or end == cfg.n_steps else snapshot(end)
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train (DDP) worker around :func:`fit`. ``config``: family, train (the section as a dict),
+    data_path, heldout_path, threads, mlflow run_id/uri. Rank 0 prints progress and logs every metric into the
+    driver's MLflow run against the step; every rank reports checkpoints (a restarted worker group resumes from
+    the last one). An error that no retry can mend (divergence: a retry from the last checkpoint diverges again;
+    a ConfigError: bad input data) is reported, not raised, and :func:`fatal_error` turns it back into the error
+    on the driver."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from tasks.data.io import read_dataset
+
+    family = FAMILIES[config["family"]]
+    cfg = family.config.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming after a worker-group failure
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        if rank == 0:
+            print(f"[train] resuming from the checkpoint of step {resume['step']}/{cfg.n_steps}", flush=True)
+
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    # Where the ranks run: the Ray node id of each, gathered over the process group (a collective: every rank takes
+    # part), printed by rank 0 and kept as the tag ``ray.worker_nodes`` (ids by rank, comma-separated; the latest
+    # attempt's after a restart). No tensor of the training is touched, and fit() seeds torch itself.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = [str(n) for n in gathered]
+    if rank == 0:
+        print(f"[train] {world} worker(s) on {len(set(nodes))} Ray node(s); node by rank: "
+              f"{', '.join(n[:12] for n in nodes)}", flush=True)
+        if client is not None:
+            client.set_tag(config["mlflow_run_id"], "ray.worker_nodes", ",".join(nodes))
+
+    def on_log(step: int, metrics: dict[str, float], info: dict[str, float]) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in {**metrics, **({"mmd_heldout": info["mmd_heldout"]} if "mmd_heldout" in info else {})}.items())
+        print(f"[train] step {step}/{cfg.n_steps}  {shown}  epoch {info['epoch']:.2f}  "
+              f"{info['samples_per_s']:,.0f} samples/s", flush=True)
+        if client is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            values = {f"train/{k}": v for k, v in metrics.items()} | {
+                f"train/{k}": v for k, v in info.items() if k != "seconds"} | {"train/elapsed_seconds": info["seconds"]}
+            client.log_batch(config["mlflow_run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+
+    def on_first_step(step: int) -> None:
+        if rank == 0 and resume is not None:  # what a resumed worker really ran first (tests hold it to the checkpoint)
+            print(f"[train] resumed: first step run {step}/{cfg.n_steps}", flush=True)
+
+    def on_checkpoint(state: dict, final: bool) -> None:
+        metrics = {"step": state["step"]}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    try:
+        dataset = read_dataset(config["data_path"])
+        heldout = None
+        if rank == 0 and cfg.heldout_every and config.get("heldout_path"):
+            heldout = torch.from_numpy(read_dataset(config["heldout_path"]).x[: cfg.heldout_n]).to(device)
+        fit(family, cfg, torch.from_numpy(dataset.x).to(device), dataset.shape, device=device, rank=rank,
+            world=world, wrap=ray.train.torch.prepare_model, resume=resume, heldout=heldout,
+            hooks=Hooks(on_log, on_checkpoint, on_first_step))
+    except (TrainingDiverged, ConfigError) as exc:
+        # Train V2 hands the driver only the metrics of the latest *checkpoint*, and retries a raised error: the
+        # verdict travels as a marker checkpoint (no state), and the checkpoints before it stay the last good ones.
+        verdict = {FATAL: type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, ConfigError):
+            verdict |= {"path": exc.path, "key": exc.key or "", "message": exc.message}
+        if rank != 0:
+            ray.train.report(verdict)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / FATAL).write_text(json.dumps(verdict) + "\n")
+            ray.train.report(verdict, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def fatal_error(metrics: dict[str, Any] | None) -> Exception | None:
+    """The error a worker reported through :func:`train_loop_per_worker`'s marker checkpoint, rebuilt, or None."""
+    metrics = metrics or {}
+    kind = metrics.get(FATAL)
+    if kind == "ConfigError":
+        return ConfigError(metrics["path"], metrics["key"] or None, metrics["message"])
+    if kind == "TrainingDiverged":
+        return TrainingDiverged(metrics["message"])
+    return None

@@ -1,0 +1,97 @@
+"""The distributed-training contract of ``tasks/families/base.py``, checked on the raw gradients: N DDP workers
+take the step one worker takes with the global batch.
+
+Final weights cannot show it: Adam is blind to a constant scale of the gradient, so a family that forgot to
+scale a batch-coupled loss by ``ctx.world`` (or scaled a per-example loss by it) trains the same weights. Adam's
+first moment after one step is exactly ``(1 - beta1) * grad``, so it is compared instead: 2 workers (real
+``torch.distributed`` with gloo on loopback, real ``DistributedDataParallel`` as Ray Train's ``prepare_model``
+wraps a module) against one. The bookkeeping that rank 0 logs (epoch, samples/s) is compared too: an epoch counted
+with the per-rank batch would halve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.families import FAMILIES
+from tasks.infra.runtime import free_port
+from tasks.stages.train.loop import Hooks, fit
+
+REPO = Path(__file__).resolve().parents[2]
+FAMILY_CFG = {
+    "ncsn": {"net": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "n_sigmas": 4, "ema_decay": 0.9},
+    "agd": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}},
+    "mmd": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}},
+}
+N_TRAIN = 400
+
+WORKER = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tasks.families import FAMILIES
+from tasks.stages.train.loop import Hooks, fit
+
+rank, world, family, cfg, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['PORT']}", rank=rank, world_size=world)
+data = torch.randn(%d, 2, generator=torch.Generator().manual_seed(0))
+logged = []
+state = fit(FAMILIES[family], FAMILIES[family].config.model_validate(cfg), data, (2,), device="cpu", rank=rank,
+            world=world, wrap=DistributedDataParallel, hooks=Hooks(on_log=lambda s, m, i: logged.append(i)))
+if rank == 0:
+    torch.save({"optimizers": state["optimizers"], "logged": logged}, out)
+dist.destroy_process_group()
+""" % N_TRAIN
+
+
+def _cfg(family: str) -> dict:
+    # one step, logged: Adam's state then holds that step's gradient
+    base = {"family": family, "n_steps": 1, "batch_size": 32, "log_every": 1, "checkpoint_every": 1, "lr": 3e-3}
+    return base | FAMILY_CFG[family]
+
+
+def _first_moments(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{opt}.{i}": s["exp_avg"] for opt, sd in state["optimizers"].items() for i, s in sd["state"].items()}
+
+
+def _two_workers(family: str, tmp_path: Path) -> dict:
+    env = {**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    out = tmp_path / f"{family}.pt"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), "2", family, json.dumps(_cfg(family)), str(out)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_two_workers_take_the_gradient_of_one(family, tmp_path):
+    data = torch.randn(N_TRAIN, 2, generator=torch.Generator().manual_seed(0))
+    logged: list[dict] = []
+    single = fit(FAMILIES[family], FAMILIES[family].config.model_validate(_cfg(family)), data, (2,), device="cpu",
+                 hooks=Hooks(on_log=lambda s, m, i: logged.append(i)))
+    double = _two_workers(family, tmp_path)
+    one, two = _first_moments(single), _first_moments(double)
+    assert one.keys() == two.keys() and one
+    for k, g in one.items():
+        assert float(g.abs().max()) > 0, f"{k}: no gradient reached this parameter"
+        torch.testing.assert_close(two[k], g, rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f"{family} {k}: {m}")
+    # the global batch's bookkeeping on rank 0, as one worker logs it
+    (a,), (b,) = logged, double["logged"]
+    assert a["epoch"] == b["epoch"] == 32 / N_TRAIN
+    for info in (a, b):  # samples/s x seconds/epoch = the examples of one epoch
+        assert info["samples_per_s"] * info["seconds_per_epoch"] == pytest.approx(N_TRAIN, rel=1e-9)
+
