@@ -168,3 +168,32 @@ def assert_resumed_where_it_stopped():
         return resumed
 
     return check
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """The URL of one Prefect server (``flows.local.prefect_server``) for every test of the session that runs
+    stage or pipeline commands, stopped with its process group at the end: starting one takes 10-35 s on a
+    2-core machine, and each module (or test) would otherwise start its own. Commands get the URL in their
+    environment (``PREFECT_API_URL``); the test process's own environment is left as it was, so the tests of a
+    `stein run` that starts its own server still see none."""
+    from flows.local import prefect_server
+
+    keys = ("PREFECT_API_URL", "PREFECT_UI_URL", "PREFECT_HOME")
+    saved = {k: os.environ.get(k) for k in keys}
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    os.environ.pop("PREFECT_API_URL", None)  # always a server of our own, never one the caller points to
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with prefect_server(timeout=180) as url:
+            restore()
+            yield url
+    finally:
+        restore()

@@ -7,7 +7,7 @@ dies and grows back to two when it returns, with a 1-worker run's weights. `stei
 process of the cluster.
 
 The cluster is started once for the module. Everything runs through the real CLI in a copy of the repository with a
-small training (300 steps, a checkpoint every 50); the stages talk to one Prefect server of the module, as in
+small training (300 steps, a checkpoint every 50); the stages talk to the session's Prefect server, as in
 tests/e2e/test_pipeline_e2e.py. About 15-20 minutes on a busy 2-core machine (the elastic case alone 7.5): heavy."""
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 repository with tiny settings. Checks outputs, metrics, the MLflow run tree, that a rerun is a no-op, that a
 sampling change reruns only sample and evaluate, and that a bad config exits 2 and touches nothing.
 
-Every `stein run` here uses one Prefect server started once for the module (``prefect_api``, with
-``flows.local.prefect_server``, its home in the copy's .stein/prefect) through ``PREFECT_API_URL``, the way a user
-with a cluster's server runs it: starting a server takes 10-15 s on a 2-core machine, and six runs here would start
-one each. The server that `stein run` starts itself when ``PREFECT_API_URL`` is unset is exercised end to end by
-tests/e2e/test_signals.py (a real `stein run` up to training, then stopped; nothing it started survives) and
+Every `stein run` here uses the session's one Prefect server (``prefect_api`` in tests/conftest.py, with
+``flows.local.prefect_server``) through ``PREFECT_API_URL``, the way a user with a cluster's server runs it:
+starting a server takes 10-15 s on a 2-core machine, and each run (or module) would start one. The server
+that `stein run` starts itself when ``PREFECT_API_URL`` is unset is exercised end to end by tests/e2e/test_signals.py (a real `stein run` up to training, then stopped; nothing it started survives) and
 tests/stages/test_servers.py (it stops with the command after SIGTERM and SIGKILL)."""
 
 from __future__ import annotations

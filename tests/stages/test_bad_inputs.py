@@ -283,21 +283,13 @@ def test_read_dataset_names_file_and_column(tmp_path, name, spoil, fragment):
 
 
 @pytest.fixture(scope="module")
-def prefect_api(repo):
-    """One Prefect server for the stage commands of this module (each would otherwise start its own)."""
-    from flows.local import prefect_server
-
-    old = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(repo / ".stein" / "prefect")
-    try:
-        with prefect_server() as url:
-            yield url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        if old is None:
-            os.environ.pop("PREFECT_HOME", None)
-        else:
-            os.environ["PREFECT_HOME"] = old
+def prefect_api(prefect_api, repo):
+    """The session's Prefect server, named in this process's environment for the module's stage commands (each
+    would otherwise start its own server)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_API_URL", prefect_api)
+        mp.setenv("PREFECT_HOME", str(repo / ".stein" / "prefect"))
+        yield prefect_api
 
 
 @pytest.mark.slow

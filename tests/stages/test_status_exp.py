@@ -326,18 +326,6 @@ def real_repo(tmp_path_factory, project_copier) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def prefect_api(real_repo):
-    """One Prefect server for the module's experiments (a stage process would otherwise start its own)."""
-    from flows.local import prefect_server
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PREFECT_API_URL", raising=False)
-        mp.setenv("PREFECT_HOME", str(real_repo / ".stein" / "prefect"))
-        with prefect_server(timeout=180) as url:
-            yield url
-
-
 @pytest.mark.e2e
 def test_dvc_exp_run_without_the_venv_on_path(real_repo, prefect_api):
     """`.venv/bin/dvc exp run -S ... gmm2d-evaluate` from PATH=/usr/bin:/bin with VIRTUAL_ENV unset: the stages'
