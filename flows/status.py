@@ -8,9 +8,9 @@ when DVC has run the stage before with exactly these inputs, it checks the outpu
 instead of running the command. This module predicts that walk stage by stage, with DVC's own objects and hash
 functions (``dvc.repo.Repo``, the stages of ``dvc.yaml`` with their ``dvc.lock`` entries, ``Output.status``):
 
-- **why**: the changed params by key (old value from dvc.lock, new from the params file), the changed code deps
-  with the files that changed inside a code directory, the changed data deps, missing or changed outputs, a
-  changed command, and the upstream stages whose rerun changes this stage's inputs;
+- **why**: the changed params by key (old value from dvc.lock, new from the params file), the changed code files
+  (a stage's code deps are the files it imports: ``flows.code_deps``), the changed data deps, missing or changed
+  outputs, a changed command, and the upstream stages whose rerun changes this stage's inputs;
 - **what DVC will do**: ``run`` the command; ``restore`` the outputs of an earlier run with the same inputs from
   the run cache (the key is DVC's own: the stage's lock entry with the *current* hashes of its deps, computed as
   ``dvc.stage.cache`` does, then the newest entry under that key whose outputs are in the cache); or
@@ -26,9 +26,7 @@ hash cache makes an unchanged file cheap). No repository lock is taken, so ``ste
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from dataclasses import asdict, dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -41,9 +39,6 @@ from tasks.tracking.log import flatten
 #: What DVC does with a stage: nothing, run its command, restore an earlier run's outputs from the run cache, or
 #: check the outputs recorded in dvc.lock out of the cache.
 UP_TO_DATE, RUN, RESTORE, CHECKOUT = "up to date", "run", "restore", "checkout"
-
-#: How many commits ``git log`` is asked for when looking for the version of a code directory dvc.lock records.
-_GIT_CANDIDATES = 20
 
 
 @dataclass
@@ -59,7 +54,6 @@ class ParamChange:
 class PathChange:
     path: str
     change: str  # modified | new | deleted | not in cache
-    files: list[dict[str, str]] | None = None  # inside a changed code directory: [{"path", "change"}]
 
 
 @dataclass
@@ -191,8 +185,7 @@ class _Project:
             if obj.hash_info != dep.hash_info:
                 change = "modified" if dep.hash_info else "new"
                 if path in self.code:
-                    files = _changed_files(self.root, path, dep.hash_info, obj) if meta.isdir else None
-                    st.code.append(PathChange(path, change, files))
+                    st.code.append(PathChange(path, change))
                 else:
                     st.data.append(PathChange(path, change))
                 inputs_changed = True
@@ -345,76 +338,6 @@ def _diff_params(old: dict, new: dict) -> list[tuple[str, Any, Any, str]]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ code directories
-
-
-def _changed_files(root: Path, path: str, old, new_tree) -> list[dict[str, str]] | None:
-    """The files that changed inside the code directory ``path`` since the version dvc.lock records (``old``, a
-    ``.dir`` hash). DVC keeps no listing of a dependency's old version, so it is looked for in git: the directory
-    at HEAD and in the last commits that touched it, hashed as DVC hashes a directory, until one matches. None when
-    none does (the recorded version was never committed)."""
-    if not old or not old.value:
-        return None
-    current = {"/".join(key): hi.value for key, _, hi in new_tree}
-    for rev in _candidate_revs(root, path):
-        files = _git_md5s(root, rev, path)
-        if files is not None and _dir_md5(files) == old.value:
-            changed = [{"path": f"{path}/{f}", "change": "deleted"} for f in files if f not in current]
-            changed += [{"path": f"{path}/{f}", "change": "new" if f not in files else "modified"}
-                        for f, md5 in current.items() if files.get(f) != md5]
-            return sorted(changed, key=lambda c: c["path"])
-    return None
-
-
-def _git(root: Path, *args: str, stdin: bytes | None = None) -> bytes | None:
-    try:
-        proc = subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def _candidate_revs(root: Path, path: str) -> list[str]:
-    out = _git(root, "log", f"-n{_GIT_CANDIDATES}", "--format=%H", "--", path)
-    revs = out.decode().split() if out else []
-    return ["HEAD", *revs] if revs else ["HEAD"]
-
-
-def _git_md5s(root: Path, rev: str, path: str) -> dict[str, str] | None:
-    """{path inside ``path``: MD5 of its content} for the files of ``path`` at ``rev``."""
-    listing = _git(root, "ls-tree", "-r", "-z", rev, "--", path)
-    if not listing:
-        return None
-    entries = []
-    for item in listing.split(b"\0"):
-        if not item:
-            continue
-        meta, _, name = item.partition(b"\t")
-        mode, kind, sha = meta.split()
-        if kind == b"blob" and mode != b"120000":
-            entries.append((name.decode(), sha.decode()))
-    blobs = _git(root, "cat-file", "--batch", stdin="".join(f"{sha}\n" for _, sha in entries).encode())
-    if blobs is None:
-        return None
-    md5s, pos, prefix = {}, 0, path.rstrip("/") + "/"
-    for name, _ in entries:
-        header_end = blobs.index(b"\n", pos)
-        size = int(blobs[pos:header_end].split()[2])
-        body = blobs[header_end + 1: header_end + 1 + size]
-        pos = header_end + 1 + size + 1
-        md5s[name.removeprefix(prefix)] = hashlib.md5(body).hexdigest()  # noqa: S324 - DVC's content hash
-    return md5s
-
-
-def _dir_md5(files: dict[str, str]) -> str:
-    """DVC's hash of a directory with these files (``dvc_data.hashfile.tree.Tree.digest``)."""
-    from dvc_data.hashfile.tree import Tree
-
-    tree = Tree.from_list([{"relpath": f, "md5": md5} for f, md5 in files.items()], hash_name="md5")
-    tree.digest()
-    return tree.hash_info.value
-
-
 # ------------------------------------------------------------------------------------------------ entry points
 
 
@@ -467,11 +390,7 @@ def format_status(statuses: list[PipelineStatus]) -> str:
                 detail = {"new": f"new: {_value(p.new)}", "deleted": f"deleted (was {_value(p.old)})"}.get(
                     p.change, f"{_value(p.old)} -> {_value(p.new)}")
                 lines.append(f"    param     {p.key}: {detail}   ({p.file})")
-            for c in s.code:
-                if c.files:
-                    lines += [f"    code      {f['path']} ({f['change']})" for f in c.files]
-                else:
-                    lines.append(f"    code      {c.path} ({c.change})")
+            lines += [f"    code      {c.path} ({c.change})" for c in s.code]
             lines += [f"    data      {c.path} ({c.change})" for c in s.data]
             lines += [f"    output    {c.path} ({c.change})" for c in s.outs]
             for up in s.upstream:

@@ -197,3 +197,38 @@ def prefect_api(tmp_path_factory):
             yield url
     finally:
         restore()
+
+
+#: What makes any pipeline tiny: caps on its sizes and step counts, by key, at any depth of its config (a value
+#: above its cap is lowered to it). A new pipeline gets a tiny run from these without a line of its own.
+TINY_CAPS = {
+    "n_train": 2000, "n_test": 600, "max_train": 300, "epochs": 5, "n_steps": 40, "log_every": 10,
+    "checkpoint_every": 20, "heldout_every": 20, "heldout_n": 100, "batch_size": 64, "n_samples": 200,
+    "n_steps_each": 5, "n_eval": 100, "n_bootstrap": 50, "kid_subset_size": 30, "kid_subsets": 10, "grid": 6,
+}
+
+
+def tiny(raw: dict) -> dict:
+    """A config (as read from conf/<pipeline>.yaml) shrunk to seconds of compute by :data:`TINY_CAPS`; the
+    classifier's accuracy floor drops with its epochs, and every digit image set is capped."""
+    import copy
+
+    def shrink(node, key=None):
+        if isinstance(node, dict):
+            return {k: shrink(v, k) for k, v in node.items()}
+        if key in TINY_CAPS and isinstance(node, int) and not isinstance(node, bool) and node > TINY_CAPS[key]:
+            return TINY_CAPS[key]
+        return node
+
+    out = shrink(copy.deepcopy(raw))
+    if isinstance(out.get("prepare"), dict) and "max_train" in out["prepare"] and out["prepare"]["max_train"] is None:
+        out["prepare"]["max_train"] = TINY_CAPS["max_train"]
+    if isinstance(out.get("classifier"), dict):
+        out["classifier"]["min_accuracy"] = min(out["classifier"].get("min_accuracy", 0.3), 0.3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """:func:`tiny`, for the tests that run every pipeline in seconds."""
+    return tiny

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.registry import PIPELINES
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = {
@@ -82,14 +84,21 @@ def _set_params(repo: Path, updates: dict, pipeline: str = "gmm2d") -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+#: The settings of the pipelines whose runs the tests below check in detail; every other pipeline runs with the
+#: generic tiny config (``tiny_config``, tests/conftest.py), so a new pipeline gets its tiny run with no line here.
+DETAILED = {"gmm2d": TINY, "gmm2d-blindness": TINY_BLINDNESS, "digits": TINY_DIGITS, "ring8-agd": TINY_RING8_AGD,
+            "digits-mmd": TINY_DIGITS_MMD}
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, project_copier) -> Path:
+def repo(tmp_path_factory, project_copier, tiny_config) -> Path:
     def tiny(dst: Path) -> None:
-        _set_params(dst, TINY)
-        _set_params(dst, TINY_BLINDNESS, "gmm2d-blindness")
-        _set_params(dst, TINY_DIGITS, "digits")
-        _set_params(dst, TINY_RING8_AGD, "ring8-agd")
-        _set_params(dst, TINY_DIGITS_MMD, "digits-mmd")
+        for pipeline in PIPELINES:
+            if pipeline in DETAILED:
+                _set_params(dst, DETAILED[pipeline], pipeline)
+            else:
+                path = dst / "conf" / f"{pipeline}.yaml"
+                path.write_text(yaml.safe_dump(tiny_config(yaml.safe_load(path.read_text())), sort_keys=False))
 
     return project_copier(tmp_path_factory.mktemp("e2e") / "repo", set_params=tiny)
 
@@ -347,3 +356,28 @@ def test_digits_mmd_generator_end_to_end(repo, prefect_api):
         assert (repo / "plots/digits-mmd" / png).stat().st_size > 5_000
     client, train = _train_run(repo, "digits-mmd")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "train/mmd_heldout")] == [10, 20]
+
+
+@pytest.mark.heavy  # about a minute for each pipeline no test above runs; seconds for the others (a no-op)
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_every_pipeline_runs_tiny_end_to_end(repo, prefect_api, pipeline):
+    """Every registered pipeline, tiny, through `stein run`: it succeeds, writes its metrics (every value finite)
+    and every file its stages declare, its stage processes import only their deps, and a second run is a no-op.
+    A new pipeline is checked here with no test of its own."""
+    import math
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    spec = PIPELINES[pipeline]
+    proc = stein(repo, "run", pipeline, prefect_api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((repo / "metrics" / f"{pipeline}.json").read_text())
+    assert metrics and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+    for st in spec.stages:
+        block = stages[spec.dvc_stage(st.name)]
+        for entry in [*block.get("outs", []), *block.get("metrics", [])]:
+            path = repo / (next(iter(entry)) if isinstance(entry, dict) else entry)
+            assert path.exists(), path
+    if spec.upstream is None:  # a resampling pipeline runs no prepare or train stage of its own
+        assert_stage_imports_are_deps(repo, pipeline)
+    again = stein(repo, "run", pipeline, prefect_api=prefect_api)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout[-2000:]

@@ -267,3 +267,17 @@ def test_every_shipped_number_refuses_a_value_below_its_bound(name, tmp_path):
             with pytest.raises(ConfigError) as err:
                 load_config(path, spec.config_model)
             assert err.value.key is not None and err.value.key.startswith(named), (key, bad, str(err.value))
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pipeline_has_a_tiny_config_that_builds(name, tiny_config, tmp_path):
+    """The generic tiny settings (tests/conftest.py) give every pipeline a valid config, the one its end-to-end
+    check runs with: a new pipeline whose keys they break fails here, in seconds."""
+    raw = yaml.safe_load((REPO / "conf" / f"{name}.yaml").read_text())
+    small = tiny_config(raw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(small))
+    cfg = load_config(path, PIPELINES[name].config_model)
+    if getattr(cfg, "train", None) is not None:
+        assert cfg.train.n_steps <= 40 and cfg.train.checkpoint_every <= cfg.train.n_steps
+    assert cfg.evaluate.n_eval <= 100

@@ -170,7 +170,7 @@ def test_changed_code_names_the_file(repo, restore):
         f.write("# an edit\n")
     stages = by_stage(status_json(repo))
     assert list(stages) == ["gmm2d-sample", "gmm2d-evaluate"]
-    assert stages["gmm2d-sample"]["code"] == [{"path": "tasks/stages/sample.py", "change": "modified", "files": None}]
+    assert stages["gmm2d-sample"]["code"] == [{"path": "tasks/stages/sample.py", "change": "modified"}]
     assert stages["gmm2d-sample"]["params"] == [] and stages["gmm2d-evaluate"]["code"] == []
     assert stages["gmm2d-evaluate"]["upstream"] == ["gmm2d-sample"]
 
@@ -183,7 +183,7 @@ def test_changed_code_names_the_file(repo, restore):
     (repo / "stein_core" / "extra.py").write_text("X = 1\n")
     stages = by_stage(status_json(repo))
     assert list(stages) == ["gmm2d-train", "gmm2d-sample", "gmm2d-evaluate"]
-    kernels = {"path": "stein_core/kernels.py", "change": "modified", "files": None}
+    kernels = {"path": "stein_core/kernels.py", "change": "modified"}
     assert stages["gmm2d-train"]["code"] == [kernels] and kernels in stages["gmm2d-evaluate"]["code"]
     assert all(c["path"] != "stein_core/generators.py" for s in stages.values() for c in s["code"])
     text = stein(repo, "status", "gmm2d").stdout
@@ -197,7 +197,7 @@ def test_missing_output_is_checked_out_of_the_cache(repo):
     try:
         out = status_json(repo)
         assert [(s["stage"], s["action"]) for s in out["stages"]] == [("gmm2d-sample", "checkout")]
-        assert out["stages"][0]["outs"] == [{"path": "samples/gmm2d/samples.parquet", "change": "deleted", "files": None}]
+        assert out["stages"][0]["outs"] == [{"path": "samples/gmm2d/samples.parquet", "change": "deleted"}]
         assert out["would_run"] == [] and out["would_restore"] == ["gmm2d-sample"]
     finally:
         dvc(repo, "checkout", "samples/gmm2d/samples.parquet")
