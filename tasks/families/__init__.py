@@ -22,7 +22,7 @@ from tasks.config.sections import ConfigError
 from tasks.families.base import Family, Model, StepContext, TrainState
 
 #: Modules of this folder that are not families: what the families share.
-SHARED = frozenset({"base", "sampling"})
+SHARED = frozenset({"base"})
 
 
 def _family_names() -> tuple[str, ...]:

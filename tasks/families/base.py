@@ -149,3 +149,12 @@ class Family:
     def live_model(self, state: TrainState, cfg: TrainBase, shape: tuple[int, ...]) -> Model | None:
         """The model as it is during training, for the held-out MMD along training (None: not supported)."""
         return None
+
+
+def draw_in_batches(n: int, batch_size: int, run_chains: Callable):
+    """``run_chains(m) -> [m, d]`` on consecutive batches of at most ``batch_size`` -> ``[n, d]`` on the CPU (the
+    batches draw from whatever generator ``run_chains`` holds, in order): how the sample stage and the Ray tasks
+    that evaluate training checkpoints draw from a :class:`Model`."""
+    import torch
+
+    return torch.cat([run_chains(min(batch_size, n - start)).detach().cpu() for start in range(0, n, batch_size)])

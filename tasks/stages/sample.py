@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.families import load_model
 from tasks.data.io import file_md5, write_dataset
-from tasks.families.sampling import draw_in_batches
+from tasks.families.base import draw_in_batches
 
 log = logging.getLogger("stein")
 

@@ -79,11 +79,11 @@ def test_every_project_file_a_stage_loads_is_a_dep(loaded, pipeline, stage):
 
 
 def test_the_probe_catches_a_missing_dep(loaded):
-    """What the check above would say of a stage whose deps lack a file it imports (here: the sampling helper
+    """What the check above would say of a stage whose deps lack a file it imports (here: the sample stage's task
     dropped from gmm2d's sample stage)."""
-    deps = set(_dvc_stages()["gmm2d-sample"]["deps"]) - {"tasks/families/sampling.py"}
-    assert "tasks/families/sampling.py" in loaded["gmm2d-sample"]
-    assert [f for f in loaded["gmm2d-sample"] if f not in deps and not is_wiring(f)] == ["tasks/families/sampling.py"]
+    deps = set(_dvc_stages()["gmm2d-sample"]["deps"]) - {"tasks/stages/sample.py"}
+    assert "tasks/stages/sample.py" in loaded["gmm2d-sample"]
+    assert [f for f in loaded["gmm2d-sample"] if f not in deps and not is_wiring(f)] == ["tasks/stages/sample.py"]
 
 
 def test_a_stage_depends_on_its_own_family_only():

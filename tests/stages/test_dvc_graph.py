@@ -13,7 +13,7 @@ from tasks.stages.evaluate.inputs import EvalInputs, plot_files, required_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_CODE = {"stein_core/tests_stat.py", "stein_core/discrepancies.py", "tasks/config/sections.py", "tasks/data/io.py",
-             "tasks/families/sampling.py", "tasks/stages/evaluate/features.py", "tasks/stages/evaluate/metrics.py",
+             "tasks/families/base.py", "tasks/stages/evaluate/features.py", "tasks/stages/evaluate/metrics.py",
              "tasks/stages/evaluate/task.py", "tasks/stages/evaluate/plots.py", "flows/evaluate.py"}
 
 

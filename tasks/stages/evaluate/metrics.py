@@ -370,7 +370,7 @@ def evaluate_checkpoint(
     from tasks.config.sections import SampleSection
     from tasks.families import load_model
     from tasks.data.io import load_checkpoint
-    from tasks.families.sampling import draw_in_batches
+    from tasks.families.base import draw_in_batches
 
     torch.set_num_threads(threads)
     full = Evaluate.model_validate(cfg)
