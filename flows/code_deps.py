@@ -1,13 +1,13 @@
 """Each DVC stage's code deps: the project files its entry point really imports, found in the module graph.
 
 A stage's code is its flow module (``flows/train.py``, ...), the module of its config models
-(``tasks/config/pipelines.py``), the path catalog (``tasks/config/paths.py``) and the module of the family its pipeline's config names
-(``tasks/families/<family>.py``: families are imported by name, ``tasks.families.FAMILIES``, and every stage validates
-the train section with its family's model; ``flows.registry.Pipeline.stage_code``). From these roots the graph follows every ``import`` statement of every project module
-it reaches, the ones inside functions too (read with :mod:`ast`, nothing is imported): a module a stage may import
-while it runs is among its deps, and a module it never reaches is not. So a new ``stein_core`` module or a new
-family makes no existing stage stale, and an edit to ``stein_core/generators.py`` reruns the generator pipelines
-alone.
+(``tasks/config/pipelines.py``), the path catalog (``tasks/config/paths.py``) and the module of the family its
+pipeline's config names (``tasks/families/<family>.py``: families are imported by name, ``tasks.families.FAMILIES``,
+and every stage validates the train section with its family's model; ``flows.registry.Pipeline.stage_code``). From
+these roots the graph follows every ``import`` statement of every project module it reaches, the ones inside
+functions too (read with :mod:`ast`, nothing is imported): a module a stage may import while it runs is among its
+deps, and a module it never reaches is not. So a new ``stein_core`` module or a new family makes no existing stage
+stale, and an edit to ``stein_core/generators.py`` reruns the generator pipelines alone.
 
 Wiring is left out, and the graph does not walk through it: the CLI, the pipeline registry, DVC generation and
 status, the local servers and schedules (``flows/``), the Ray client, the cluster, runtime settings and servers

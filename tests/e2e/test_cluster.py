@@ -203,7 +203,8 @@ def test_two_workers_run_on_two_nodes_and_train_what_one_worker_trains(runs, clu
 
 
 def test_a_killed_worker_node_comes_back_and_training_ends_with_the_uninterrupted_weights(prepared, runs, cluster,
-                                                                                            prefect_api):
+                                                                                            prefect_api,
+                                                                                            assert_resumed_where_it_stopped):
     import torch
 
     repo = prepared
@@ -250,6 +251,7 @@ def test_a_killed_worker_node_comes_back_and_training_ends_with_the_uninterrupte
         print("".join(line for _, line in seen)[-6000:])
     assert t_kill is not None, "training ended before step 100"
     assert proc.returncode == 0
+    assert_resumed_where_it_stopped("".join(line for _, line in seen))
     after = [(t, line) for t, line in seen if t > t_kill]
     t_nodes = next(t for t, line in after if "2 worker(s) on 2 Ray node(s)" in line)
     t_step = next(t for t, line in after if re.search(r"\[train\] step \d+/", line))
@@ -273,7 +275,7 @@ def test_a_killed_worker_node_comes_back_and_training_ends_with_the_uninterrupte
 
 
 def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_and_ends_with_the_same_weights(
-        prepared, cluster, prefect_api):
+        prepared, cluster, prefect_api, assert_resumed_where_it_stopped):
     """``STEIN_NUM_WORKERS=1-2``: two workers while both nodes are up; the worker node killed, Ray Train goes on
     with the one worker that fits on the head (from the last checkpoint), and when `stein cluster up` brings the
     node back it grows to two again (it looks for room every ``STEIN_ELASTIC_RESIZE_S`` seconds). Every rank takes
@@ -333,6 +335,7 @@ def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_an
         print("".join(s for s in seen if "worker(s) on" in s or "resuming" in s or "Reporting" not in s)[-6000:])
     assert proc.returncode == 0
     assert phase == "grown", f"the worker group did not shrink and grow back (last phase: {phase})"
+    assert len(assert_resumed_where_it_stopped("".join(seen))) >= 2  # shrunk, then grown: each from its checkpoint
     elastic = _weights(repo / "models" / "gmm2d" / "model.pt", steps=8000)
     print("max |1 worker - elastic 2/1/2 workers|:", max(float((elastic[k] - v).abs().max()) for k, v in reference.items()))
     for key, value in reference.items():

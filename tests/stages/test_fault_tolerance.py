@@ -205,11 +205,10 @@ def _kill_driver_after_a_checkpoint(project: Path, has_checkpoint, storage_arg: 
                 pass
 
 
-# heavy (`make test-all`; 70 s each), to keep `make test` near 15 minutes; `make test` checks the run name against
-# the inputs (above) and the exact resume of the loop (tests/stages/test_training.py)
+# 70 s each; the project-folder case stays in `make test`, the one resume through Ray Train checked there (that the
+# resumed worker's first step is the checkpoint's + 1); the S3 case is heavy (`make test-all`)
 @pytest.mark.slow
-@pytest.mark.heavy
-@pytest.mark.parametrize("where", ["project", "s3"])
+@pytest.mark.parametrize("where", ["project", pytest.param("s3", marks=pytest.mark.heavy)])
 def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, reference, capfd, where, request,
                                                                   assert_resumed_where_it_stopped):
     """The whole training killed with SIGKILL after a checkpoint (driver, Ray, worker: as when ``stein run`` dies),
