@@ -259,6 +259,8 @@ def test_pipeline_end_to_end(repo, prefect_api):
 def test_blindness_pipeline_reuses_the_gmm2d_model(repo, prefect_api):
     """gmm2d-blindness samples gmm2d's score network two ways: with gmm2d up to date it runs only its own three
     stages, and logs both samplers' metrics side by side."""
+    # gmm2d up to date: a no-op after test_pipeline_end_to_end, its run when this test runs alone (-m heavy)
+    assert stein(repo, "run", "gmm2d", prefect_api=prefect_api).returncode == 0
     model_md5 = md5(repo / "models/gmm2d/model.pt")
     proc = stein(repo, "run", "gmm2d-blindness", prefect_api=prefect_api)
     assert proc.returncode == 0
