@@ -1,4 +1,5 @@
-# Two commands matter: `make run` (the default pipeline) and `make test` (the whole suite).
+# Two commands matter: `make run` (the default pipeline) and `make test` (the quick suite; `make test-all`: every
+# test, heavy ones included, what CI runs).
 # Both create or update .venv from the pinned lock files; `make install` alone is a no-op when nothing changed.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -18,8 +19,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 help:
 	@echo "make run      - install, then reproduce the default pipeline ($(PIPELINE)) and print where results are"
-	@echo "make test     - install with dev dependencies, then run the test suite (all but the tests marked heavy)"
-	@echo "make test-all - the whole test suite, heavy tests included"
+	@echo "make test     - install with dev dependencies, then run the quick suite (all but the tests marked heavy)"
+	@echo "make test-all - the whole test suite, heavy tests included, with the 25 slowest tests at the end (what CI runs)"
 	@echo "make install  - create/update $(VENV) from requirements.lock (quick when nothing changed)"
 	@echo "make bench    - time each stage of the default pipeline (writes bench/out/)"
 	@echo "make ui       - open the MLflow UI on 127.0.0.1"
@@ -61,7 +62,7 @@ test: install-dev
 	$(BIN)/python -m pytest -m "not heavy"
 
 test-all: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow and not e2e"

@@ -338,6 +338,8 @@ def test_ring8_agd_generator_trained_by_stein_gradients(repo, prefect_api):
     assert all(m.value > 0 for m in client.get_metric_history(train.info.run_id, "train/seconds_per_epoch"))
 
 
+@pytest.mark.heavy  # make test stays under 10 minutes; make test-all (CI) runs it (85 s); the image path runs in
+# make test through tests/stages/test_evaluate.py and test_features.py
 def test_digits_mmd_generator_end_to_end(repo, prefect_api):
     """A tiny digits-mmd: a DCGAN-style conv generator sized to the 8x8 digits, trained by MMD² on Ray Train,
     its samples images in [0, 1], FID/KID/precision/recall on the pipeline's own classifier features."""

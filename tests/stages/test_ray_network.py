@@ -84,6 +84,7 @@ class _Watcher(threading.Thread):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test stays under 10 minutes; make test-all (CI) runs it (23 s)
 def test_a_local_ray_listens_on_loopback_only_and_requires_its_token(project):
     from tasks.families import FAMILIES
     from tasks.data.io import write_dataset

@@ -118,6 +118,7 @@ def _cron_times(hour: int, minute: int, tz: str, n: int, weekday: int | None = N
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # make test stays under 10 minutes; make test-all (CI) runs it (40 s with its server)
 def test_the_servers_scheduler_creates_the_future_runs_of_a_cron_schedule(prefect_api, tmp_path):
     env = _env(prefect_api, tmp_path / "prefect-home")
     cron, tz = "0 2 * * *", "Europe/Berlin"

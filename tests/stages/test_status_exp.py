@@ -327,6 +327,7 @@ def real_repo(tmp_path_factory, project_copier) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.heavy  # make test stays under 10 minutes; make test-all (CI) runs it (28 s)
 def test_dvc_exp_run_without_the_venv_on_path(real_repo, prefect_api):
     """`.venv/bin/dvc exp run -S ... gmm2d-evaluate` from PATH=/usr/bin:/bin with VIRTUAL_ENV unset: the stages'
     `python -m flows.cli stage ...` is the venv's (the system's has no Prefect, or there is no `python` at all), so
