@@ -281,3 +281,24 @@ def test_every_pipeline_has_a_tiny_config_that_builds(name, tiny_config, tmp_pat
     if getattr(cfg, "train", None) is not None:
         assert cfg.train.n_steps <= 40 and cfg.train.checkpoint_every <= cfg.train.n_steps
     assert cfg.evaluate.n_eval <= 100
+
+
+@pytest.mark.parametrize("name", sorted(p for p in PIPELINES if PIPELINES[p].upstream is None))
+def test_a_config_is_validated_by_its_familys_model_and_pickles(name):
+    """``GenerativeConfig.model_validate`` picks the model of the config's family (no union of every family: a
+    stage imports its own family only); the result pickles (into Ray workers) and its train section dumps whole."""
+    import pickle
+
+    from tasks.config.pipelines import generative_config
+    from tasks.families import FAMILIES
+
+    cfg = PIPELINES[name].load_config(REPO)
+    family = cfg.train.family
+    assert type(cfg) is generative_config(family) and isinstance(cfg, GenerativeConfig)
+    assert type(cfg.train) is FAMILIES[family].config
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert cfg.model_dump()["train"] == cfg.train.model_dump() and "net" in cfg.model_dump()["train"]
+    bad = yaml.safe_load((REPO / "conf" / f"{name}.yaml").read_text())
+    bad["train"]["family"] = "nope"
+    with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', got 'nope'"):
+        GenerativeConfig.model_validate(bad)
