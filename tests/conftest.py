@@ -155,17 +155,25 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def assert_resumed_where_it_stopped():
-    """A check of a training's output: every ``resuming from the checkpoint of step S`` line of a restarted Ray
-    Train worker is followed by the loop's own ``resumed: first step run S+1``, so a worker that announced a resume
-    but trained from step 0 again (ending with the same weights: a step is a pure function of (seed, step)) fails."""
+    """A check of a training's output: the loop's own ``resumed: first step run N`` line of a restarted Ray Train
+    worker follows its ``resuming from the checkpoint of step S`` line with N = S + 1, so a worker that announced a
+    resume but trained from step 0 again (ending with the same weights: a step is a pure function of (seed,
+    step)) fails. A worker group torn down before its first step (a second restart) prints no such line; at
+    least one resume must have run. Returns the steps resumed from."""
     import re
 
     def check(out: str) -> list[int]:
-        resumed = [int(s) for s in re.findall(r"\[train\] resuming from the checkpoint of step (\d+)/", out)]
-        first = [int(s) for s in re.findall(r"\[train\] resumed: first step run (\d+)/", out)]
-        assert resumed, "no resume in the output"
-        assert first == [s + 1 for s in resumed], f"resumed from steps {resumed}, but first ran steps {first}"
-        return resumed
+        last, ran = None, []
+        for line in out.splitlines():
+            if m := re.search(r"\[train\] resuming from the checkpoint of step (\d+)/", line):
+                last = int(m.group(1))
+            elif m := re.search(r"\[train\] resumed: first step run (\d+)/", line):
+                assert last is not None, f"a first step after a resume, but no resume before it: {line}"
+                assert int(m.group(1)) == last + 1, f"resumed from step {last}, but the first step run was {m.group(1)}"
+                ran.append(last)
+                last = None
+        assert ran, "no resumed training ran a step"
+        return ran
 
     return check
 
