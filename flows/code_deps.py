@@ -28,7 +28,7 @@ PACKAGES = ("stein_core", "tasks", "flows")
 
 #: Files and folders that wire a run rather than compute its outputs (relative to the project root).
 WIRING = (
-    "flows/__init__.py", "flows/cli/", "flows/registry.py", "flows/local.py", "flows/pipeline.py", "flows/schedule.py",
+    "flows/__init__.py", "flows/cli/", "flows/registry.py", "flows/local.py", "flows/dvc_main.py", "flows/pipeline.py", "flows/schedule.py",
     "flows/dvcgen.py", "flows/status.py", "flows/code_deps.py",
     "tasks/infra/", "tasks/tracking/", "tasks/tools/",
 )

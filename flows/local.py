@@ -39,7 +39,7 @@ def dvc(*args: str, root: Path, env: dict[str, str] | None = None, capture: bool
     signals when this process dies: no stage command, nor the Ray it started, outlives ``stein``.
     Without ``capture`` the output streams to ours as it comes, and the result's ``stderr`` holds the last 8 KiB
     of it (where DVC's ERROR line is)."""
-    cmd = [sys.executable, "-m", "dvc", *args]
+    cmd = [sys.executable, "-m", "flows.dvc_main", *args]  # DVC that ends its stage command when it is ended
     proc = subprocess.Popen(cmd, cwd=root, env=env or tool_env(), stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
     try:

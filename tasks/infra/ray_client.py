@@ -112,6 +112,9 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # On SIGTERM (`stein run` stopped or killed) the driver of a head node first drains it, for up to 30 s, for
+    # Serve replicas: nothing here needs that, and a training would go on meanwhile.
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     import ray
     from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config
@@ -122,6 +125,7 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
     # config, and ray may have been imported before they were set: refresh both, as Ray does when it turns token
     # auth on by itself.
     ray_constants.ENABLE_RAY_CLUSTER = False
+    ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S = float(os.environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     t0 = time.perf_counter()
@@ -140,12 +144,40 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
             log_to_driver=True,
             logging_config=ray.LoggingConfig(log_level="ERROR"),
         )
+    _stop_ray_at_once_on_sigterm()
     node_ip = ray._private.worker.global_worker.node_ip_address
     if node_ip != "127.0.0.1":
         ray.shutdown()
         raise RuntimeError(f"the local Ray took node IP {node_ip}, not 127.0.0.1: it would listen on every interface")
     log.info("Ray started locally in %.1f s", time.perf_counter() - t0)
     return True
+
+
+def _stop_ray_at_once_on_sigterm() -> None:
+    """On SIGTERM (a `stein run` stopped or killed), SIGKILL the local Ray this process started, then exit.
+
+    Ray's own handler stops the node gracefully: 2-3 s until the raylet goes, and the workers, in process groups of
+    their own, go only with it. Meanwhile a Ray Train worker trains on and registers checkpoints nobody asked for
+    (a small training even runs to its end). A stopped run should stop training now. What the workers wrote is
+    consistent (Ray Train registers whole checkpoints), so the next run resumes from the last one. Then SystemExit
+    unwinds this process as Ray's handler does (the flow and its tracking runs end as failed). Only in the main
+    thread, as Ray's own handler."""
+    import signal
+    import threading
+
+    import psutil
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, _frame):
+        signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM must not interrupt the unwinding
+        for proc in psutil.Process().children(recursive=True):  # the raylet, the GCS, the workers, Ray's helpers
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 #: Rank 0's rendezvous store while its process group lives (see ``local_torch_config``).

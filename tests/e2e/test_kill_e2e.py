@@ -42,7 +42,8 @@ def repo(tmp_path_factory, project_copier) -> Path:
 def _env(repo: Path, prefect_api: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEIN_", "PREFECT_", "MLFLOW_TRACKING", "RAY_ADDRESS"))}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env | {"STEIN_THREADS": "1", "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(repo / ".stein" / "prefect")}
+    # SHELL: DVC runs a stage through $SHELL -c, and dash (CI's /bin/sh) stays the stage's parent where bash execs
+    return env | {"SHELL": "/bin/sh", "STEIN_THREADS": "1", "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(repo / ".stein" / "prefect")}
 
 
 def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProcess:

@@ -69,6 +69,7 @@ def test_stopping_stein_run_mid_training_leaves_no_process_behind(repo, sig):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEIN_", "PREFECT_", "MLFLOW_TRACKING", "RAY_"))}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["STEIN_THREADS"] = "1"
+    env["SHELL"] = "/bin/sh"  # DVC runs a stage through $SHELL -c; dash (CI's sh) stays the stage's parent, bash execs
     log = repo / f"run-{sig.name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "gmm2d"], cwd=repo, env=env, stdout=out,
