@@ -453,7 +453,23 @@ def ui(port: int, workers: int) -> None:
     base = f"http://127.0.0.1:{port}"
     click.echo(f"MLflow UI on {base}  (Ctrl-C to stop; it takes a few seconds to start)")
     _print_run_tables(root, base)
-    os.execv(cmd[0], cmd)
+    import subprocess
+
+    from flows.local import die_with_parent, exit_on_termination, stop_process_group
+
+    # A child, not an exec: in a session of its own (a Ctrl-C reaches us, and we stop its whole group) and with a
+    # parent-death signal, so that a `stein ui` killed with SIGKILL leaves no uvicorn serving on with no parent.
+    exit_on_termination()
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        stop_process_group(proc)
+    if code:
+        click.echo(f"error: mlflow ui exited with code {code}", err=True)
+    sys.exit(code)
 
 
 def _print_run_tables(root: Path, base: str) -> None:

@@ -193,6 +193,60 @@ def test_stein_server_serves_the_project_store_and_stops_with_the_command(projec
                 p.kill()
 
 
+def _ui_processes(port: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if ("mlflow" in cmd or "uvicorn" in cmd) and f"--port {port}" in cmd and "flows.cli" not in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stein_ui_serves_and_stops_with_the_command(project, sig):
+    """`stein ui` runs `mlflow ui` as a child under the rules of `stein server` (its own session, a parent-death
+    signal): before, it exec'd into it, and after a SIGKILL its uvicorn served on with no parent."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=project,
+                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ui: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not _http_ok(f"http://127.0.0.1:{port}/health"):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
+            time.sleep(0.3)
+        ui = _ui_processes(port)
+        assert ui and all(p.pid != proc.pid for p in ui), [(p.pid, p.cmdline()) for p in ui]
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in ui if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not alive, f"left running after {sig.name}: {[(p.pid, p.cmdline()) for p in alive]}"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for p in ui:
+            if p.is_running():
+                p.kill()
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------------ Ray workers as clients
 
 
