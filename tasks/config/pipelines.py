@@ -22,6 +22,7 @@ from tasks.config.sections import (
     SampleSection,
     TrainBase,
     _Section,
+    short_repr,
 )
 from tasks.families import FAMILIES
 
@@ -92,7 +93,7 @@ def _family_of(data: dict) -> str:
     train = data["train"]
     family = train.get("family")
     if not isinstance(family, str) or family not in FAMILIES:
-        got = f", got {family!r}" if "family" in train else " (missing)"
+        got = f", got {short_repr(family)}" if "family" in train else " (missing)"
         raise KeyedError("train.family", f"must be one of {', '.join(repr(f) for f in FAMILIES)}{got}")
     return family
 

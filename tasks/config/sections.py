@@ -9,6 +9,7 @@ CLI turns it into exit code 2.
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -296,6 +297,18 @@ class Evaluate(_Section):
 # --------------------------------------------------------------------------------------------- loading
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxdict = 4
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to about 60 characters (a long string or list keeps its start and ``...``): what an error
+    message quotes of a value a user gave, however large."""
+    return _REPR.repr(value)
+
+
 #: The tags of the discriminated sections (``prepare.source``, ``sample*.sampler``, ``net.kind``): pydantic puts
 #: the chosen tag into an error's location (``train.agd.lr``), which is not a key of the file.
 UNION_TAGS: set[str] = {"mixture", "ring", "digits", "mnist", "cifar10", "annealed_langevin", "langevin", "generator",
@@ -308,18 +321,58 @@ def _format_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) if parts else None
 
 
+#: What a config file may be: configs here are 1-3 KB. Past these limits a file is refused before it is read whole
+#: (bytes), or as soon as the parser gets there (nodes, depth): a 2.5 KB file of nested aliases expands to 10^9
+#: items, and 50 MB of comments took 74 s to parse.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_NODES = 10_000
+MAX_CONFIG_DEPTH = 32
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` with two changes: a key given twice in one mapping is an error (PyYAML keeps the last one
-    silently), and ``1e-3`` is a float as in YAML 1.2 and DVC's parser (PyYAML's YAML 1.1 rule wants a dot and
-    reads ``1e-3`` as the string "1e-3", which strict types would then refuse)."""
+    """``yaml.safe_load`` with these changes: no anchors or aliases (a config never needs them, and nested aliases
+    expand exponentially), at most ``MAX_CONFIG_NODES`` values nested at most ``MAX_CONFIG_DEPTH`` deep, keys that
+    are plain scalars, a key given twice in one mapping is an error (PyYAML keeps the last one silently), and
+    ``1e-3`` is a float as in YAML 1.2 and DVC's parser (PyYAML's YAML 1.1 rule wants a dot and reads ``1e-3`` as
+    the string "1e-3", which strict types would then refuse)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}): a config has no anchors or aliases, write the value out",
+                event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, f"an anchor (&{event.anchor}): a config has no anchors or aliases, write the value out",
+                event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_CONFIG_NODES} values", event.start_mark)
+        if self._depth >= MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH}", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {kind} as a key: keys are names", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"key {short_repr(key)} given twice (first on line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -338,7 +391,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
-    raw = path.read_bytes()
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(path, None, f"{size:,} bytes: a config file is at most {MAX_CONFIG_BYTES // 1024} KiB")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:  # grew since stat
+        raise ConfigError(path, None, f"over {MAX_CONFIG_BYTES // 1024} KiB: a config file is at most that")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -378,9 +437,9 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
             ctx = err.get("ctx", {})
             tag, expected = ctx.get("discriminator", "").strip("'"), ctx.get("expected_tags", "")
             key = f"{key}.{tag}" if key else tag
-            got = f", got {ctx['tag']!r}" if "tag" in ctx else " (missing)"
+            got = f", got {short_repr(ctx['tag'])}" if "tag" in ctx else " (missing)"
             msg = f"must be one of {expected}{got}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {short_repr(err['input'])})"
         more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""
         raise ConfigError(path, key, msg + more) from None

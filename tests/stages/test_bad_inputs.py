@@ -141,6 +141,15 @@ CONFIG_CASES = [
     ("unknown metric", _edit("evaluate", metrics=["mmd", "fidd"]), "key 'evaluate.metrics.1'"),
     ("sigma_min above sigma_max", _edit("train", sigma_min=30.0), "sigma"),
     ("null section", lambda raw: _dump({**raw, "train": None}), "key 'train'"),
+    # hostile files: refused while parsing, before anything is expanded (a 2.5 KB alias bomb expands to 10^9 items)
+    ("alias bomb", _text(lambda t: t + "".join(
+        f"b{i}: &b{i} [{', '.join([f'*b{i - 1}' if i else 'lol'] * 10)}]\n" for i in range(9))), "an anchor (&b0)"),
+    ("over 256 KiB", _text(lambda t: t + ("# " + "x" * 98 + "\n") * 3000), "bytes: a config file is at most 256 KiB"),
+    ("25,000 values", _text(lambda t: t + "big: [" + ", ".join(["0"] * 25_000) + "]\n"), "more than 10000 values"),
+    ("nested 100 deep", _text(lambda t: t + "deep: " + "[" * 100 + "]" * 100 + "\n"), "nested deeper than 32"),
+    ("a list as a key", _text(lambda t: t + "? [a, b]\n: 1\n"), "a list as a key"),
+    ("a mapping as a key", _text(lambda t: t + "{a: 1}: 1\n"), "a mapping as a key"),
+    ("a 100 KB value", _edit("train", family="x" * 100_000), "got 'xxxxxxxx"),
 ]
 
 
@@ -164,6 +173,7 @@ def test_a_bad_config_exits_2_naming_file_and_key_and_touches_nothing(repo, name
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last.startswith("error: conf/gmm2d.yaml") or last.startswith(f"error: {conf}"), last
     assert fragment in last, last
+    assert len(last) < 400, f"{len(last)} characters: a message quotes a short prefix of a value"
     assert "Traceback" not in proc.stderr
     assert snapshot(repo) == before
 
