@@ -46,7 +46,7 @@ def cluster() -> None:
               help="Nodes in all, the head included (default 2; with a cluster up: its size).")
 @click.option("--cpus-per-node", type=click.IntRange(min=1, max=4096), default=None,
               help="CPUs each node offers Ray (default 1: one training worker per node).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=180, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 86_400), default=180, show_default=True,
               help="Seconds to wait for the nodes to come up.")
 def up(nodes: int | None, cpus_per_node: int | None, timeout_s: float) -> None:
     """Start the cluster: the head, then the worker nodes (each `python -m tasks.infra.cluster`, its own process group).
@@ -120,7 +120,7 @@ def status(as_json: bool) -> None:
 
 
 @cluster.command()
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=20, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 86_400), default=20, show_default=True,
               help="Seconds each node has to stop after SIGTERM before it is killed.")
 def down(timeout_s: float) -> None:
     """Stop the cluster: worker nodes first, then the head (SIGTERM to each node's process group, SIGKILL after

@@ -16,6 +16,13 @@ from tasks.infra.runtime import apply_offline_env, project_root
 
 EXIT_USAGE = 2
 
+#: The bounds of the config keys these options mirror (tasks/config/sections.py: ``Seed``, ``evaluate.n_bootstrap``,
+#: ``evaluate.kid_subsets``, ``evaluate.kid_subset_size``), so that an option and its key refuse the same values.
+SEED = click.IntRange(0, 2**32 - 1)
+N_BOOTSTRAP = click.IntRange(10, 1_000_000)
+KID_SUBSETS = click.IntRange(1, 100_000)
+KID_SUBSET_SIZE = click.IntRange(2, 1_000_000)
+
 
 def _fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)

@@ -15,7 +15,7 @@ import click
 
 from tasks.config.sections import ConfigError
 
-from flows.cli.common import EXIT_USAGE, _fail, _setup
+from flows.cli.common import EXIT_USAGE, KID_SUBSET_SIZE, KID_SUBSETS, N_BOOTSTRAP, SEED, _fail, _setup
 
 
 #: A file each ``stein stage`` process appends the project files it loaded to (tests check them against the
@@ -299,10 +299,10 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
 @click.option("--target", type=click.Choice(["std_normal", "std_laplace"]), default="std_normal", show_default=True, help="The model tested, in the data's dimension.")
 @click.option("--test", "test_name", type=click.Choice(["ksd", "sksd"]), default="ksd", show_default=True, help="KSD (wild bootstrap) or maxSKSD (directions fitted on half the data).")
 @click.option("--kernel", type=click.Choice(["imq", "rbf"]), default="imq", show_default=True, help="IMQ (c=1, beta=-1/2) or RBF with the median-heuristic bandwidth.")
-@click.option("--n-bootstrap", type=click.IntRange(min=10), default=500, show_default=True)
+@click.option("--n-bootstrap", type=N_BOOTSTRAP, default=500, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-samples", type=click.IntRange(min=4), default=None, help="Test a random subset of this size (the test is O(n^2)).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--max-samples", type=click.IntRange(4, 10_000_000), default=None, help="Test a random subset of this size (the test is O(n^2)).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def gof(data, target, test_name, kernel, n_bootstrap, alpha, seed, max_samples, as_json) -> None:
     """Goodness-of-fit test of the samples in DATA against a named target density.
@@ -378,9 +378,9 @@ def eval_fid(real: str, fake: str, features: str, as_json: bool) -> None:
 
 @eval_group.command("kid")
 @_eval_options
-@click.option("--subsets", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--subset-size", type=click.IntRange(min=2), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--subsets", type=KID_SUBSETS, default=100, show_default=True)
+@click.option("--subset-size", type=KID_SUBSET_SIZE, default=1000, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def eval_kid(real: str, fake: str, features: str, as_json: bool, subsets: int, subset_size: int, seed: int) -> None:
     """Kernel inception distance: unbiased MMD² with the cubic polynomial kernel over seeded subsets (mean ± std)."""
     _setup()
@@ -399,9 +399,10 @@ def bench() -> None:
 
 
 @bench.command("ksd")
-@click.option("--n", "n", type=click.IntRange(min=2), default=4096, show_default=True, help="Number of samples.")
-@click.option("--d", "d", type=click.IntRange(min=1), default=64, show_default=True, help="Dimension.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repetitions (median reported).")
+@click.option("--n", "n", type=click.IntRange(2, 32_768), default=4096, show_default=True,
+              help="Number of samples (each [n, n] float32 matrix of the statistic is 4 n^2 bytes: 4.3 GB at the most).")
+@click.option("--d", "d", type=click.IntRange(1, 65_536), default=64, show_default=True, help="Dimension.")
+@click.option("--repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed repetitions (median reported).")
 @click.option("--naive/--no-naive", default=None, help="Time the naive [n, n, d] reference (default: when affordable).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -414,8 +415,13 @@ def bench_ksd(n: int, d: int, repeats: int, naive: bool | None, device: str, as_
     import json
 
     _setup()
-    from tasks.tools.bench import time_ksd
+    from tasks.tools.bench import NAIVE_BUDGET, time_ksd
 
+    if n * d > 2**28:  # the [n, d] data alone: 1 GiB of float32
+        _fail(ValueError(f"--n {n} with --d {d}: the data alone would be {n * d * 4 / 2**30:.1f} GiB; at most 1 GiB (n * d <= 2^28)"))
+    if naive and n * n * d > 4 * NAIVE_BUDGET:
+        _fail(ValueError(f"--naive with --n {n} --d {d}: the naive reference materialises [n, n, d], "
+                         f"{n * n * d * 4 / 2**30:.0f} GiB of float32; at most n^2 d = {4 * NAIVE_BUDGET:,}"))
     out = time_ksd(n, d, repeats=repeats, naive=naive, device=device)
     if as_json:
         click.echo(json.dumps(out))
@@ -428,7 +434,7 @@ def bench_ksd(n: int, d: int, repeats: int, naive: bool | None, device: str, as_
 
 
 @main.command()
-@click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Server worker processes (MLflow's own default, 4, doubles the start-up time on a small machine).")
 def ui(port: int, workers: int) -> None:
@@ -441,8 +447,14 @@ def ui(port: int, workers: int) -> None:
     prints the same table in the terminal.
     """
     root = _setup()
+    from flows.cli.server import check_port_free
+    from tasks.infra.server import ServerSetupError
     from tasks.tracking.log import artifact_root, tracking_uri
 
+    try:
+        check_port_free(port)
+    except ServerSetupError as exc:
+        _fail(exc)
     (root / ".stein").mkdir(exist_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port),

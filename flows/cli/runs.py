@@ -29,7 +29,7 @@ def _client(root: Path, what: str):
 
 @click.command()
 @click.argument("pipeline", required=False)
-@click.option("--last", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--last", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="How many of the newest pipeline runs to show, per pipeline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every run with all its params and metrics.")
 def runs(pipeline: str | None, last: int, as_json: bool) -> None:

@@ -103,7 +103,7 @@ def schedule(pipeline: str | None, cron: str | None, timezone: str, name: str | 
 
 @click.command()
 @click.option("--pool", metavar="POOL", default="stein", show_default=True, help="The process work pool to serve.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
+@click.option("--limit", type=click.IntRange(1, 1000), default=None,
               help="At most this many flow runs at once (default: no limit; runs of one project still take turns).")
 def worker(pool: str, limit: int | None) -> None:
     """Run the scheduled (and triggered) runs of the `stein schedule` deployments: a Prefect process worker.

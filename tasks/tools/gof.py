@@ -29,6 +29,10 @@ def target_score(name: Target) -> Callable:
     return scores[name]
 
 
+#: The most rows a test takes: its [n, n] float64 kernel matrix is then 3.2 GB.
+MAX_ROWS = 20_000
+
+
 def goodness_of_fit(
     data: str | Path,
     *,
@@ -54,6 +58,10 @@ def goodness_of_fit(
     x = torch.from_numpy(ds.x).double()
     if max_samples is not None and len(x) > max_samples:
         x = x[torch.randperm(len(x), generator=gen)[:max_samples]]
+    if len(x) > MAX_ROWS:
+        raise ConfigError(data, "x", f"{len(x):,} rows: the test holds [n, n] float64 matrices "
+                                     f"({8 * len(x) ** 2 / 2**30:.0f} GiB each); test at most {MAX_ROWS:,} "
+                                     f"(--max-samples draws a random subset)")
     score = target_score(target)
     try:
         if test == "ksd":

@@ -319,3 +319,68 @@ def test_bad_data_exits_2_naming_file_and_column_and_touches_nothing_else(repo, 
     last = proc.stderr.strip().splitlines()[-1]
     assert fragment in last and (last.startswith(f"error: {rel}: ") or rel in last), last
     assert after == before
+
+
+# ------------------------------------------------------------------------------------------ CLI options
+
+
+def _numeric_params():
+    """Every numeric option of every `stein` command: (command path, option)."""
+    import click
+
+    from flows.cli.main import main
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, (*path, name))
+        for p in cmd.params:
+            if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType)):
+                yield " ".join(path), p
+
+    return list(walk(main, ()))
+
+
+def test_every_numeric_cli_option_is_bounded_on_both_sides():
+    """`stein gof --n-bootstrap 10**12` and `stein bench ksd --n 10**7` met no bound and died allocating: every
+    int or float option now has a range, as its config key does."""
+    params = _numeric_params()
+    assert len(params) >= 15, [(c, p.name) for c, p in params]  # the walk does reach the commands
+    import click
+
+    unbounded = [f"{c} --{p.name}" for c, p in params
+                 if not isinstance(p.type, (click.IntRange, click.FloatRange)) or p.type.min is None or p.type.max is None]
+    assert not unbounded, unbounded
+
+
+CLI_CASES = [
+    (["gof", "--data", "samples.parquet", "--n-bootstrap", str(10**12)], "'--n-bootstrap': 1000000000000 is not in the range"),
+    (["gof", "--data", "samples.parquet", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["bench", "ksd", "--n", str(10**7)], "'--n': 10000000 is not in the range"),
+    (["bench", "ksd", "--n", "30000", "--d", "60000"], "the data alone would be 6.7 GiB"),
+    (["bench", "ksd", "--n", "8192", "--d", "512", "--naive"], "the naive reference materialises [n, n, d]"),
+    (["eval", "kid", "--real", "a.parquet", "--fake", "b.parquet", "--subsets", str(10**9)], "'--subsets': 1000000000 is not in the range"),
+    (["runs", "--last", str(10**9)], "'--last'"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", CLI_CASES, ids=[" ".join(a[:2]) + " " + a[-2] for a, _ in CLI_CASES])
+def test_an_out_of_range_option_exits_2_before_any_work(repo, args, fragment):
+    before = snapshot(repo)
+    proc = stein(repo, *args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert fragment in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(repo) == before
+
+
+def test_gof_on_more_rows_than_its_matrices_allow_exits_2_pointing_at_max_samples(repo, tmp_path):
+    from tasks.data.io import write_dataset
+
+    data = tmp_path / "big.parquet"
+    write_dataset(data, np.random.default_rng(0).normal(size=(20_001, 2)))
+    proc = stein(repo, "gof", "--data", str(data))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {data}: key 'x': 20,001 rows: the test holds [n, n] float64 matrices (3 GiB each); "
+        "test at most 20,000 (--max-samples draws a random subset)")
