@@ -172,18 +172,18 @@ def prefect_server(timeout: float = 90.0) -> Iterator[str]:
         yield url
         return
     home = Path(os.environ.get("PREFECT_HOME") or state_dir() / "prefect")
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     logfile = home / "server.log"
     env = tool_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})
     prefect_bin = Path(sys.executable).parent / "prefect"
-    with open(logfile, "w") as out:
+    with open_private_log(logfile) as out:
         # its own process group (a Ctrl-C of the terminal reaches only us, and we stop it after the flow's last
         # log lines), and it dies with us even when we are killed: PR_SET_PDEATHSIG on Linux
         proc = subprocess.Popen(
             [str(prefect_bin), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=private_child,
         )
     ui_url = os.environ.get("PREFECT_UI_URL")
     try:
@@ -219,6 +219,20 @@ def wait_until_healthy(proc: subprocess.Popen, health_url: str, timeout: float, 
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not answer on {health_url} within {timeout:.0f} s; see {log}")
         time.sleep(0.2)
+
+
+def open_private_log(path: Path):
+    """``path`` opened for writing (truncated), owner-only: a server's log names its users and runs."""
+    out = open(path, "w", opener=lambda p, flags: os.open(p, flags, 0o600))  # noqa: SIM115 - the caller closes it
+    os.chmod(path, 0o600)  # a log from before, created 0644
+    return out
+
+
+def private_child() -> None:
+    """In a server's child before exec: files it creates are owner-only (umask 077: its database, its log), and it
+    dies with its parent (:func:`die_with_parent`)."""
+    os.umask(0o077)
+    die_with_parent()
 
 
 def die_with_parent() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from tasks.infra.runtime import apply_offline_env, project_root
+from tasks.infra.runtime import apply_offline_env, private_state_dir, project_root
 
 EXIT_USAGE = 2
 
@@ -35,6 +35,8 @@ def _setup() -> Path:
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = project_root()
+    if (root / "dvc.yaml").is_file():  # a project: its .stein/ (stores, password hashes) is owner-only
+        private_state_dir(root)
     from tasks.infra.offline_plots import ensure_template_quietly
 
     ensure_template_quietly(root)  # the page `dvc plots show` draws offline with, when missing (.dvc/config names it)

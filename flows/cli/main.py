@@ -455,7 +455,6 @@ def ui(port: int, workers: int) -> None:
         check_port_free(port)
     except ServerSetupError as exc:
         _fail(exc)
-    (root / ".stein").mkdir(exist_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port),
         "--workers", str(workers), "--backend-store-uri", tracking_uri(root), "--default-artifact-root", artifact_root(root),
@@ -467,12 +466,12 @@ def ui(port: int, workers: int) -> None:
     _print_run_tables(root, base)
     import subprocess
 
-    from flows.local import die_with_parent, exit_on_termination, stop_process_group
+    from flows.local import exit_on_termination, private_child, stop_process_group
 
     # A child, not an exec: in a session of its own (a Ctrl-C reaches us, and we stop its whole group) and with a
     # parent-death signal, so that a `stein ui` killed with SIGKILL leaves no uvicorn serving on with no parent.
     exit_on_termination()
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=private_child)
     try:
         code = proc.wait()
     except KeyboardInterrupt:

@@ -81,15 +81,15 @@ def tracking_server(spec: TrackingServer, env: Mapping[str, str] | None = None,
 
     Raises :class:`ServerSetupError` for bad input (no usable admin password, a wrong one for an existing admin)
     and RuntimeError when the server exits or does not answer, with the end of its log."""
-    from flows.local import die_with_parent, stop_process_group, wait_until_healthy
+    from flows.local import open_private_log, private_child, stop_process_group, wait_until_healthy
 
     base = dict(os.environ if env is None else env)
     server_env = spec.environment(base)
     spec.prepare()
     t0 = time.perf_counter()
-    with open(spec.log, "w") as out:
+    with open_private_log(spec.log) as out:
         proc = subprocess.Popen(spec.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=server_env, cwd=spec.state, start_new_session=True, preexec_fn=die_with_parent)
+                                env=server_env, cwd=spec.state, start_new_session=True, preexec_fn=private_child)
     try:
         try:
             wait_until_healthy(proc, f"{spec.url}/health", timeout, "mlflow server", spec.log)

@@ -49,6 +49,34 @@ def state_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / ".stein"
 
 
+#: The stores under ``.stein/`` that hold what other local users must not read: runs, users and password hashes.
+PRIVATE_STORES = ("mlflow.db", "mlflow-auth.db", "prefect/prefect.db")
+
+
+def private_state_dir(root: Path | None = None) -> Path:
+    """``.stein/``, created or made owner-only (0700: no other local user lists or opens anything in it), with each
+    store of :data:`PRIVATE_STORES` there and its SQLite side files made 0600 too. Servers started here create
+    their files under umask 077 (:func:`flows.local.private_child`); a store this process opens is created 0600
+    by :func:`private_file` first."""
+    state = state_dir(root)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    for name in PRIVATE_STORES:
+        for path in (state / name, *(state / f"{name}{side}" for side in ("-wal", "-shm", "-journal"))):
+            if path.is_file():
+                os.chmod(path, 0o600)
+    return state
+
+
+def private_file(path: Path) -> Path:
+    """``path`` created empty and owner-only if missing (an empty file is a new SQLite database), else made
+    owner-only."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a server we are about to start)."""
     import socket

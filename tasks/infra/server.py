@@ -144,9 +144,11 @@ class TrackingServer:
 
     def prepare(self) -> None:
         """Create the state folder and, with ``auth``, write the auth config (atomically)."""
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state, 0o700)  # the stores and password hashes in it are the owner's alone
         if self.auth:
             tmp = self.auth_config.with_name(f".{self.auth_config.name}.{os.getpid()}.tmp")
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
             tmp.write_text(self.auth_config_text())
             os.replace(tmp, self.auth_config)
 

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.infra.runtime import project_root, state_dir
+from tasks.infra.runtime import private_file, private_state_dir, project_root, state_dir
 
 PARENT_ENV = "STEIN_PARENT_RUN_ID"
 #: Set by ``dvc exp run`` in each stage's environment: the experiment's name and the commit it started from.
@@ -82,8 +82,11 @@ def setup_mlflow(root: Path | None = None):
     """Point MLflow at the project's store (creating its folder) and return the module."""
     import mlflow
 
-    state_dir(root).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(root))
+    state = private_state_dir(root)
+    uri = tracking_uri(root)
+    if uri == f"sqlite:///{state / 'mlflow.db'}":
+        private_file(state / "mlflow.db")  # owner-only from the start: MLflow would create it 0644
+    mlflow.set_tracking_uri(uri)
     return mlflow
 
 

@@ -175,6 +175,10 @@ def test_stein_server_serves_the_project_store_and_stops_with_the_command(projec
 
         with sqlite3.connect(project / ".stein" / "mlflow.db") as db:
             assert db.execute("select status from runs where run_uuid = ?", (run.info.run_id,)).fetchone() == ("FINISHED",)
+        # the store the server created, its log and the folder are the owner's alone (no other local user reads runs)
+        assert _mode(project / ".stein") == 0o700
+        for name in ("mlflow.db", "mlflow-server.log"):
+            assert _mode(project / ".stein" / name) == 0o600, name
 
         proc.send_signal(sig)
         proc.wait(timeout=60)
@@ -191,6 +195,31 @@ def test_stein_server_serves_the_project_store_and_stops_with_the_command(projec
         for p in server:
             if p.is_running():
                 p.kill()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_any_stein_command_makes_the_state_folder_and_its_stores_owner_only(project):
+    """A project from before (or a copy made with a loose umask): .stein/ 0755 with 0644 stores. The next `stein`
+    command makes the folder 0700 and each store 0600; what is not a store keeps its mode."""
+    state = project / ".stein"
+    (state / "prefect").mkdir(parents=True, exist_ok=True)
+    stores = [state / "mlflow.db", state / "mlflow-auth.db", state / "prefect" / "prefect.db", state / "mlflow.db-wal"]
+    for f in stores:
+        f.write_bytes(b"")
+        os.chmod(f, 0o644)
+    other = state / "notes.txt"
+    other.write_text("mine\n")
+    os.chmod(other, 0o644)
+    os.chmod(state, 0o755)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "gmm2d"], cwd=project, env=_cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]  # up to date or stale: either way it ran
+    assert _mode(state) == 0o700
+    assert {f.name: _mode(f) for f in stores} == {f.name: 0o600 for f in stores}
+    assert _mode(other) == 0o644
 
 
 def _ui_processes(port: int) -> list[psutil.Process]:

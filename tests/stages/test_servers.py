@@ -48,6 +48,9 @@ def test_the_prefect_server_stops_with_the_command_that_started_it(project, sig)
         port = url.rsplit(":", 1)[1].split("/")[0]
         server = _server_processes(port)
         assert server, f"no prefect server process on port {port}"
+        home = project / ".stein" / "prefect"  # its store and log are the owner's alone (the server runs umask 077)
+        modes = {f.name: f.stat().st_mode & 0o777 for f in (home, home / "prefect.db", home / "server.log")}
+        assert modes == {"prefect": 0o700, "prefect.db": 0o600, "server.log": 0o600}, modes
         proc.send_signal(sig)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
