@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tasks.families import FAMILIES
-from tasks.stages.train.loop import fit
+from tasks.stages.train.loop import Hooks, fit
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = {"family": "ncsn", "n_steps": 2500, "batch_size": 32, "log_every": 250, "checkpoint_every": 250, "lr": 3e-3,
@@ -249,3 +249,110 @@ def test_a_training_whose_driver_was_killed_resumes_when_run_again(project, refe
         assert keys() and not [k for k in keys() if "test-train-" in k], "the finished run was left in the bucket"
     else:
         assert not any((project / ".stein" / "ray_results").glob("test-train-*"))
+
+
+# ------------------------------------------------------------------- a run folder that cannot resume its training
+
+
+def _run_folder(run_dir: Path, state_bytes: bytes) -> Path:
+    """A run folder as Train V2 leaves it: its snapshot listing one checkpoint folder with ``state.pt``."""
+    (run_dir / "checkpoint_a").mkdir(parents=True)
+    (run_dir / "checkpoint_a" / "state.pt").write_bytes(state_bytes)
+    (run_dir / SNAPSHOT).write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": [
+        {"version": 0, "checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 250}}]}))
+    return run_dir / "checkpoint_a" / "state.pt"
+
+
+def _state_bytes(state: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def good_state():
+    """A real checkpoint state of the CFG training, after 250 of its steps."""
+    data = torch.randn(200, 2, generator=torch.Generator().manual_seed(1))
+    states = []
+    fit(FAMILIES["ncsn"], _cfg(), data, (2,), device="cpu", stop_after=250,
+        hooks=Hooks(on_checkpoint=lambda state, final: states.append(state)))
+    return states[-1]
+
+
+def _renamed(state: dict) -> dict:
+    return state | {"modules": {"critic": state["modules"]["score"]}}
+
+
+def _reshaped(state: dict) -> dict:
+    score = dict(state["modules"]["score"])
+    key = next(k for k, v in score.items() if v.ndim == 2)
+    score[key] = torch.zeros(score[key].shape[0] + 1, score[key].shape[1])
+    return state | {"modules": {"score": score}}
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda s: s, None),
+    (lambda s: s | {"family": "agd"}, "a checkpoint of the 'agd' family; this training is 'ncsn'"),
+    (lambda s: {k: v for k, v in s.items() if k != "optimizers"}, "not a training state (no optimizers)"),
+    (lambda s: s | {"shape": [3]}, "a checkpoint for examples of shape [3]; the data's are [2]"),
+    (lambda s: s | {"step": 10**6}, "a checkpoint of step 1000000; this training has steps 0..2500"),
+    (_renamed, "a checkpoint of modules ['critic']; this training has ['score']"),
+    (_reshaped, "module 'score' does not match this config at"),
+], ids=["matching", "another family", "no optimizers", "other examples", "past the end", "other modules",
+        "another shape"])
+def test_a_checkpoint_that_cannot_resume_says_why_with_its_file(tmp_path, good_state, change, why):
+    import pyarrow.fs as pafs
+
+    from tasks.stages.train.task import unresumable
+
+    path = _run_folder(tmp_path / "run", _state_bytes(change(good_state)))
+    got = unresumable(pafs.LocalFileSystem(), str(tmp_path / "run"), FAMILIES["ncsn"], _cfg(), (2,))
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(f"{path}: {why}"), got
+
+
+def test_a_truncated_checkpoint_or_list_is_unreadable_not_a_crash(tmp_path, good_state):
+    import pyarrow.fs as pafs
+
+    from tasks.stages.train.task import unresumable
+
+    full = _state_bytes(good_state)
+    path = _run_folder(tmp_path / "run", full[: len(full) // 2])  # a disk filled mid-write
+    fs, run = pafs.LocalFileSystem(), str(tmp_path / "run")
+    assert unresumable(fs, run, FAMILIES["ncsn"], _cfg(), (2,)).startswith(f"{path}: unreadable (")
+    (tmp_path / "run" / SNAPSHOT).write_text('{"checkpoint_results": [')
+    assert unresumable(fs, run, FAMILIES["ncsn"], _cfg(), (2,)).startswith(f"{tmp_path / 'run' / SNAPSHOT}: not a Ray Train checkpoint list")
+    (tmp_path / "run" / SNAPSHOT).unlink()  # a run killed before its first checkpoint: a fresh start
+    assert unresumable(fs, run, FAMILIES["ncsn"], _cfg(), (2,)) is None
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_cannot_resume_is_moved_aside_and_the_training_starts_over(project, reference, good_state,
+                                                                                   caplog):
+    """A truncated state.pt in the run folder of this very training (same name, same inputs): before, Ray Train
+    resumed from it, failed at each of its retries, and so did every rerun. Now the stage moves the folder aside,
+    says so, and trains from step 0 to the uninterrupted run's weights."""
+    from tasks.data.io import write_dataset
+    from tasks.infra.runtime import project_root, state_dir
+    from tasks.stages.train.task import UNRESUMABLE, training_run_name
+
+    data, ref = reference
+    write_dataset(project / "train.parquet", data.numpy())
+    root = project_root()
+    run_name = training_run_name("test", _cfg(), [project / "train.parquet"], root)
+    storage = state_dir(root) / "ray_results"
+    full = _state_bytes(good_state)
+    _run_folder(storage / run_name, full[: len(full) // 3])
+    with caplog.at_level("WARNING", logger="stein"):
+        info = _train(project)
+    assert info["steps"] == CFG["n_steps"]
+    _assert_weights_of(ref, project / "model.pt")
+    moved = list((storage / UNRESUMABLE).glob(f"{run_name}-*"))
+    assert len(moved) == 1 and (moved[0] / "checkpoint_a" / "state.pt").stat().st_size == len(full) // 3
+    assert any("cannot resume this training" in r.getMessage() and "unreadable" in r.getMessage()
+               and str(moved[0]) in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not (storage / run_name).exists()

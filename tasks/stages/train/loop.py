@@ -43,6 +43,41 @@ def step_generator(seed: int, step: int, device):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
 
 
+#: What a checkpoint's state holds (``fit``'s ``snapshot``); a state without one of them resumes nothing.
+STATE_KEYS = ("family", "step", "shape", "modules", "optimizers", "schedulers", "extra", "history", "heldout",
+              "train_seconds")
+
+
+def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> str | None:
+    """Why ``state`` (a Ray Train checkpoint's) cannot resume the training of ``family`` with ``cfg`` on examples
+    of ``shape``, or None when it can: another family, other examples, a step past the end, other modules, or a
+    tensor of another shape than the modules this config builds (built on the CPU, not trained)."""
+    if not isinstance(state, dict):
+        return f"not a training state (a {type(state).__name__})"
+    if missing := [k for k in STATE_KEYS if k not in state]:
+        return f"not a training state (no {', '.join(missing)})"
+    if state["family"] != family.name:
+        return f"a checkpoint of the {state['family']!r} family; this training is {family.name!r}"
+    if list(state["shape"]) != list(shape):
+        return f"a checkpoint for examples of shape {list(state['shape'])}; the data's are {list(shape)}"
+    if not (isinstance(state["step"], int) and 0 <= state["step"] <= cfg.n_steps):
+        return f"a checkpoint of step {state['step']!r}; this training has steps 0..{cfg.n_steps}"
+    modules = family.build(cfg, tuple(shape))
+    saved = state["modules"]
+    if not isinstance(saved, dict) or set(saved) != set(modules):
+        got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        return f"a checkpoint of modules {got}; this training has {sorted(modules)}"
+    for name, module in modules.items():
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(getattr(v, "shape", ())) for k, v in saved[name].items()} if isinstance(saved[name], dict) else {}
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+            key = diff[0]
+            return (f"module {name!r} does not match this config at {key!r}: checkpoint {got.get(key, 'absent')}, "
+                    f"config {want.get(key, 'absent')}")
+    return None
+
+
 def _scheduler(cfg, optimizer):
     import torch
 

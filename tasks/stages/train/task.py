@@ -96,6 +96,86 @@ def _remove_run(result) -> None:
         fs.delete_dir(result.path)
 
 
+#: Where a run folder that cannot resume its training is moved, beside the runs (``<storage>/unresumable/``).
+UNRESUMABLE = "unresumable"
+
+
+def _example_shape(path: Path) -> tuple[int, ...]:
+    """The shape of one example of a dataset, from its Parquet schema alone (the data is not read)."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    meta = schema.metadata or {}
+    if b"shape" in meta:
+        return tuple(json.loads(meta[b"shape"]))
+    return (schema.field("x").type.list_size,)
+
+
+def unresumable(fs, run_dir: str, family, cfg, shape: tuple[int, ...]) -> str | None:
+    """Why the run folder ``run_dir`` (on the pyarrow filesystem ``fs``) cannot resume this training, naming the
+    file, or None: no folder or no checkpoint yet (a fresh start), or every checkpoint Ray registered loads and
+    matches (:func:`~tasks.stages.train.loop.resume_mismatch`). A truncated ``state.pt`` (a disk filled mid-write)
+    is one such case, a checkpoint of another family, other modules or other shapes another."""
+    import io
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from tasks.stages.train.loop import resume_mismatch
+
+    snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(snapshot) as f:
+            results = json.loads(f.read())["checkpoint_results"]
+        names = [r["checkpoint_dir_name"] for r in results]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{snapshot}: not a Ray Train checkpoint list ({type(exc).__name__}: {exc})"
+    for name in names:
+        path = f"{run_dir}/{name}/{STATE_FILE}"
+        try:
+            with fs.open_input_stream(path) as f:
+                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a missing, truncated or foreign file: each is this case
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            return f"{path}: unreadable ({type(exc).__name__}: {first})"
+        if (why := resume_mismatch(family, cfg, shape, state)) is not None:
+            return f"{path}: {why}"
+    return None
+
+
+def set_aside_unresumable(storage_path: str, storage_fs, run_name: str, family, cfg, data_path: Path) -> str | None:
+    """Before a training starts: if its run folder holds a checkpoint that cannot resume it, move the folder to
+    ``<storage>/unresumable/<run>-<time>`` (kept for a look, out of Ray's way) and say so; the training then
+    starts over. Without this, Ray Train resumed from it, failed on the same error at each of its retries, and so
+    did every later rerun (the folder is named after the stage's inputs). Returns where the folder went, or None."""
+    import pyarrow.fs as pafs
+
+    if storage_fs is not None:
+        fs = storage_fs
+    elif "://" in storage_path:  # s3://... without AWS_ENDPOINT_URL: the filesystem Ray would pick
+        fs, storage_path = pafs.FileSystem.from_uri(storage_path)
+    else:
+        fs, storage_path = pafs.LocalFileSystem(), os.path.abspath(storage_path)
+    run_dir = f"{storage_path.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    problem = unresumable(fs, run_dir, family, cfg, _example_shape(Path(data_path)))
+    if problem is None:
+        return None
+    aside = f"{storage_path.rstrip('/')}/{UNRESUMABLE}/{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(run_dir, aside)
+    else:  # an object store moves no folder: copy, then delete
+        pafs.copy_files(run_dir, aside, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(run_dir)
+    log.warning("[train] the interrupted run cannot resume this training: %s; moved it to %s, training from "
+                "step 0", problem, aside)
+    return aside
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(
     cfg,
@@ -131,6 +211,7 @@ def train_model(
     if run_name is None:
         run_name = training_run_name(pipeline, cfg, [data_path, *([heldout_path] if heldout_path else [])], root)
     storage_path, storage_fs = _storage(settings, root)
+    set_aside_unresumable(storage_path, storage_fs, run_name, family, cfg, data_path)
     workers = (settings.min_workers, settings.num_workers) if settings.min_workers else settings.num_workers
     started = init_ray(settings, root, threads)
     ray_init_seconds = time.perf_counter() - t_init
