@@ -114,4 +114,9 @@ def load_model(path: str | Path, *, device: str = "cpu", sampler=None) -> Model:
     if sampler is not None and sampler.sampler not in family.samplers:
         raise ConfigError(path, "sampler", f"a {family.name} model cannot be sampled with {sampler.sampler!r} "
                           f"(options: {', '.join(sorted(family.samplers))})")
-    return family.load(ckpt, device=device, sampler=sampler)
+    try:
+        return family.load(ckpt, device=device, sampler=sampler)
+    except ConfigError as exc:  # a check of the checkpoint's contents: it names the key, here the file too
+        if exc.path != "checkpoint":
+            raise
+        raise ConfigError(path, exc.key, exc.message) from None

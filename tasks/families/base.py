@@ -85,17 +85,72 @@ class Model:
         return 1
 
 
+#: The most numbers (weights and buffers) one module may hold: 2^28, 1 GiB of float32. The shipped configs' largest
+#: network holds 196,481 (digits' score net); ``hidden: 65536`` with 2 layers asked for 1.7 * 10^10, 64 GiB.
+MAX_PARAMETERS = 2**28
+
+
+def parameter_counts(build: Callable[[], Mapping[str, Any]]) -> dict[str, int]:
+    """The number of weights and buffers of each module ``build()`` returns, built on PyTorch's meta device:
+    shapes without storage, so a size no machine holds is counted, not allocated."""
+    import torch
+
+    with torch.device("meta"):
+        modules = build()
+    return {k: sum(t.numel() for t in m.state_dict().values()) for k, m in modules.items()}
+
+
+def too_large(counts: Mapping[str, int]) -> str | None:
+    """What is wrong with modules of these sizes (:data:`MAX_PARAMETERS`), or None."""
+    for name, n in counts.items():
+        if n > MAX_PARAMETERS:
+            return (f"module {name!r} would hold {n:,} numbers ({4 * n / 2**30:,.0f} GiB of float32); a model here "
+                    f"holds at most {MAX_PARAMETERS:,} (1 GiB): choose a smaller network")
+    return None
+
+
 def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
     """Module ``name`` of a model checkpoint: its class (one of ``allowed``, from ``stein_core``) rebuilt from
-    its constructor arguments, with the checkpoint's weights loaded."""
+    its constructor arguments, with the checkpoint's weights loaded.
+
+    The arguments come from a file: before any storage is allocated they must bind to the constructor, build on
+    the meta device, stay under :data:`MAX_PARAMETERS` and give the checkpoint's tensor shapes; any of these
+    failing is a :class:`ConfigError` naming the key (a 400 KB file asked for ``hidden=10**6``: terabytes)."""
+    import inspect
+
     from stein_core import nets
-    from tasks.config.sections import ConfigError
+    from tasks.config.sections import ConfigError, short_repr
 
     cls = ckpt.get("classes", {}).get(name)
     if cls not in allowed:
-        raise ConfigError("checkpoint", f"classes.{name}", f"{cls!r} is not a network of this family ({', '.join(allowed)})")
-    net = getattr(nets, cls)(**ckpt["model_args"][name])
-    net.load_state_dict(ckpt["modules"][name])
+        raise ConfigError("checkpoint", f"classes.{name}", f"{short_repr(cls)} is not a network of this family ({', '.join(allowed)})")
+    ctor = getattr(nets, cls)
+    args = ckpt.get("model_args", {}).get(name)
+    key = f"model_args.{name}"
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ConfigError("checkpoint", key, f"expected the constructor arguments of {cls}, got {short_repr(args)}")
+    try:
+        inspect.signature(ctor).bind(**args)
+    except TypeError as exc:
+        raise ConfigError("checkpoint", key, f"not arguments of {cls}: {exc}") from None
+    try:
+        counts = parameter_counts(lambda: {name: ctor(**args)})
+    except Exception as exc:  # noqa: BLE001 - a wrong type or value in the file, whatever the constructor raises
+        raise ConfigError("checkpoint", key, f"{cls}({short_repr(args)}) cannot be built: {exc}") from None
+    if (why := too_large(counts)) is not None:
+        raise ConfigError("checkpoint", key, why)
+    import torch
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in ctor(**args).state_dict().items()}
+    saved = ckpt.get("modules", {}).get(name)
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in saved.items()} if isinstance(saved, dict) else {}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError("checkpoint", f"modules.{name}", f"the weights do not fit {cls}({short_repr(args)}) at "
+                          f"{diff[0]!r}: saved {got.get(diff[0], 'absent')}, built {want.get(diff[0], 'absent')}")
+    net = ctor(**args)
+    net.load_state_dict(saved)
     return net
 
 

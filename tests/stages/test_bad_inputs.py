@@ -244,6 +244,52 @@ def _strings(path: Path) -> None:
     _parquet(path, {"x": pa.FixedSizeListArray.from_arrays(pa.array(["a", "b"] * 4), 2)})
 
 
+def _checkpoint_edit(edit):
+    """A spoiler of a model checkpoint: ``edit(ckpt)`` changes the loaded dict, which is saved back."""
+    def spoil(path: Path) -> None:
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, path)
+    return spoil
+
+
+def _huge_hidden(ckpt) -> None:  # a 400 KB file that asks for terabytes
+    ckpt["model_args"]["score"]["hidden"] = 10**6
+
+
+#: The checkpoint's constructor arguments, read by ``load_model`` as every stage reads a model.
+CHECKPOINT_CASES = [
+    ("hidden=10**6", _huge_hidden, "key 'model_args.score': module 'score' would hold"),
+    ("an extra argument", lambda c: c["model_args"]["score"].update(colour="red"),
+     "key 'model_args.score': not arguments of NoiseConditionalMLP: got an unexpected keyword argument 'colour'"),
+    ("a string for an integer", lambda c: c["model_args"]["score"].update(hidden="many"),
+     "key 'model_args.score': NoiseConditionalMLP({"),
+    ("a negative size", lambda c: c["model_args"]["score"].update(n_layers=-3), "key 'model_args.score'"),
+    ("weights of another size", lambda c: c["model_args"]["score"].update(hidden=17),
+     "key 'modules.score': the weights do not fit NoiseConditionalMLP("),
+    ("no arguments", lambda c: c["model_args"].pop("score"), "key 'model_args.score': expected the constructor arguments"),
+]
+
+
+@pytest.mark.parametrize("name,edit,fragment", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_a_checkpoint_is_checked_before_any_module_is_built(repo, tmp_path, name, edit, fragment):
+    import shutil
+
+    from tasks.config.sections import ConfigError
+    from tasks.families import load_model
+
+    path = tmp_path / "model.pt"
+    shutil.copy(repo / "models/gmm2d/model.pt", path)
+    load_model(path)  # the untouched copy loads
+    _checkpoint_edit(edit)(path)
+    with pytest.raises(ConfigError) as info:
+        load_model(path)
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value), info.value
+    assert len(str(info.value)) < 400, str(info.value)
+
+
 #: (case id, stage, file (relative), how it is spoiled, what stderr's last line must contain besides the file).
 #: Each goes through a stage command (~10-20 s each here): one per way of reading (Parquet in the stage process,
 #: Parquet inside a Ray Train worker, a checkpoint); the other spoilt files are read in-process below.
@@ -256,6 +302,8 @@ DATA_CASES = [
      "not a readable Parquet file"),
     ("model: not a checkpoint", "sample", "models/gmm2d/model.pt", lambda p: p.write_bytes(b"not a zip"),
      "not a PyTorch checkpoint"),
+    ("model: hidden=10**6", "sample", "models/gmm2d/model.pt", _checkpoint_edit(_huge_hidden),
+     "key 'model_args.score': module 'score' would hold"),
     # heavy (36 s, make test-all): tests/stages/test_training.py checks the same error from inside a Ray Train worker
     pytest.param("train split: NaN rows (inside the Ray Train worker)", "train", "data/gmm2d/train.parquet", _nan_rows,
                  "key 'x': 3 of 400 rows hold non-finite values (NaN or inf), the first at row 5",
@@ -384,3 +432,29 @@ def test_gof_on_more_rows_than_its_matrices_allow_exits_2_pointing_at_max_sample
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {data}: key 'x': 20,001 rows: the test holds [n, n] float64 matrices (3 GiB each); "
         "test at most 20,000 (--max-samples draws a random subset)")
+
+
+def test_a_network_larger_than_memory_is_refused_before_ray_starts(tmp_path):
+    """`hidden: 65536` passed every bound of its key and asked for 64 GiB of weights: the train stage counts the
+    network on the meta device (no storage) and refuses it naming the key, before Ray or any allocation."""
+    import time
+
+    from tasks.config.sections import ConfigError
+    from tasks.data.io import write_dataset
+    from tasks.families import FAMILIES
+    from tasks.stages.train.task import train_model
+
+    write_dataset(tmp_path / "train.parquet", np.random.default_rng(0).normal(size=(64, 2)))
+    cfg = FAMILIES["ncsn"].config.model_validate({"family": "ncsn", "n_steps": 10, "batch_size": 16,
+                                                  "net": {"kind": "mlp", "hidden": 65536, "n_layers": 2}})
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        train_model.fn(cfg, data_path=tmp_path / "train.parquet", heldout_path=None, model_path=tmp_path / "m.pt",
+                       curves_dir=tmp_path, pipeline="test", mlflow_run_id=None, mlflow_tracking_uri=None,
+                       config_file="conf/test.yaml")
+    assert str(info.value).startswith("conf/test.yaml: key 'train.net': module 'score' would hold 17,182,621,714 numbers (64 GiB"), info.value
+    assert "GiB of float32" in str(info.value)
+    import ray
+
+    assert not ray.is_initialized() and time.perf_counter() - t0 < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.parquet"]

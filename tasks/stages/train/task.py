@@ -31,6 +31,7 @@ from tasks.infra.ray_client import init_ray, local_torch_config
 from tasks.config.paths import HELDOUT_CURVE, TRAIN_CURVE
 from tasks.families import FAMILIES, model_payload
 from tasks.data.io import atomic_path, file_md5, save_torch, write_rows
+from tasks.config.sections import ConfigError
 from tasks.infra.runtime import RuntimeSettings, check_batch_split, project_root, state_dir
 from tasks.stages.train.loop import STATE_FILE, TrainingDiverged, fatal_error, train_loop_per_worker
 
@@ -210,6 +211,10 @@ def train_model(
     t_init = time.perf_counter()
     if run_name is None:
         run_name = training_run_name(pipeline, cfg, [data_path, *([heldout_path] if heldout_path else [])], root)
+    from tasks.families.base import parameter_counts, too_large
+
+    if (why := too_large(parameter_counts(lambda: family.build(cfg, _example_shape(Path(data_path)))))) is not None:
+        raise ConfigError(config_file, "train.net", why)
     storage_path, storage_fs = _storage(settings, root)
     set_aside_unresumable(storage_path, storage_fs, run_name, family, cfg, data_path)
     workers = (settings.min_workers, settings.num_workers) if settings.min_workers else settings.num_workers
