@@ -134,6 +134,30 @@ class ProjectBusy(RuntimeError):
     """Another ``stein run`` is reproducing pipelines in this project (DVC allows one ``dvc repro`` at a time)."""
 
 
+def dvc_lock_holder(root: Path) -> str | None:
+    """The process holding DVC's repository lock of ``root`` (``.dvc/tmp/lock``: an ``flock`` its holder writes its
+    pid into), as ``process PID (`its command line`)``; None when it is free. The probe takes the lock for an
+    instant and gives it back (DVC retries a busy lock for a few seconds)."""
+    path = root / ".dvc" / "tmp" / "lock"
+    try:
+        f = open(path)  # noqa: SIM115 - closed below
+    except OSError:
+        return None  # no DVC command has run here yet
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = f.read().strip()
+            try:
+                cmd = " ".join(Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+            except (OSError, ValueError):
+                cmd = ""
+            who = f"process {pid or '(pid not recorded)'}"
+            return f"{who} (`{cmd[:200]}`)" if cmd else who
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def project_lock(root: Path, holder: str = "`stein run`") -> Iterator[None]:
     """Hold ``.stein/run.lock`` (an exclusive ``flock``, released by the kernel when this process ends, however it
@@ -149,6 +173,9 @@ def project_lock(root: Path, holder: str = "`stein run`") -> Iterator[None]:
             holder = f.read().strip() or "another process"
             raise ProjectBusy(f"{holder} is reproducing pipelines in {root} (DVC runs one `dvc repro` at a time): "
                               f"wait for it to finish, or stop it") from None
+        if (dvc_holder := dvc_lock_holder(root)) is not None:  # a bare `dvc repro` (or dvc exp, dvc push, ...)
+            raise ProjectBusy(f"{dvc_holder} holds DVC's lock of {root} (.dvc/tmp/lock): wait for it to finish, or "
+                              "stop it")
         f.seek(0)
         f.truncate()
         f.write(f"{holder} (pid {os.getpid()})")

@@ -458,3 +458,37 @@ def test_a_network_larger_than_memory_is_refused_before_ray_starts(tmp_path):
 
     assert not ray.is_initialized() and time.perf_counter() - t0 < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.parquet"]
+
+
+def test_stein_run_beside_a_bare_dvc_repro_exits_at_once_naming_it(repo):
+    """A `dvc repro` of the same project holds DVC's lock: `stein run` started its servers and failed 22 s later
+    with the holder's name cut off. Now it names the process (as DVC's lock file records it) before it starts
+    anything."""
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, zc.lockfile\n"
+        "lock = zc.lockfile.LockFile('.dvc/tmp/lock')\n"  # as dvc.lock.Lock takes it
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"), "dvc-repro-stand-in"], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(repo)
+        t0 = time.perf_counter()
+        proc = stein(repo, "run", "gmm2d")
+        seconds = time.perf_counter() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: process {holder.pid} (`{sys.executable} -c import sys"), last
+    assert "dvc-repro-stand-in`) holds DVC's lock of" in last and last.endswith("wait for it to finish, or stop it"), last
+    assert not (repo / ".stein" / "prefect" / "server.log").exists() or "Uvicorn" not in (repo / ".stein" / "prefect" / "server.log").read_text()
+    assert snapshot(repo) == before
+    print(f"refused in {seconds:.1f} s")
+    # the lock is free again: the probe gave back what it took
+    from flows.local import dvc_lock_holder
+
+    assert dvc_lock_holder(repo) is None
