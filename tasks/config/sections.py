@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import reprlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,26 @@ class _Section(BaseModel):
     set every number of every shipped config below its bound)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_subnormal(cls, value: Any) -> Any:
+        """A subnormal float (0 < |x| < 2.2e-308, ``std: 1e-320``) passes every ``gt=0`` bound but keeps a few
+        bits of precision and underflows to 0 in any product: no key here means one."""
+        for x in _floats(value):
+            if x != 0.0 and abs(x) < sys.float_info.min:
+                raise ValueError(f"{x!r} is a subnormal float (nonzero below {sys.float_info.min:.3g}): it "
+                                 "underflows to 0 in float32 and keeps few bits in float64; use 0 or a normal number")
+        return value
+
+
+def _floats(value: Any) -> Iterator[float]:
+    """The floats of a field's value, in lists at any depth (``means``)."""
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _floats(v)
 
 
 #: A coordinate of a mixture mean: finite and bounded, so that data drawn around it stay finite in float32.

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from tasks.config.sections import KeyedError
 from tasks.families._generator import GeneratorFamily, GeneratorTrain
 
 
@@ -26,6 +27,17 @@ class AGDTrain(GeneratorTrain):
     eta_rel: float = Field(1.0, ge=0, le=1e6, description="relative ridge when eta is null")
     n_eigen: int | None = Field(None, ge=1, le=100_000, description="SSGE: eigenfunctions kept (null: eigen_threshold)")
     eigen_threshold: float = Field(0.99, gt=0, le=1, description="SSGE: share of the kernel's spectrum kept")
+
+    @model_validator(mode="after")
+    def _keys_of_the_estimator(self):
+        """A key of the other estimator does nothing: set to anything but its default (which the shipped configs
+        list, so that every key can be varied), it is an error: the user meant something by it."""
+        for estimator, keys in (("stein", ("eta", "eta_rel")), ("ssge", ("n_eigen", "eigen_threshold"))):
+            for key in keys:
+                if self.estimator != estimator and getattr(self, key) != type(self).model_fields[key].default:
+                    raise KeyedError(f"train.{key}", f"has no effect with estimator: {self.estimator} (it is the "
+                                     f"{estimator!r} estimator's): remove it, or set estimator: {estimator}")
+        return self
 
 
 class AGDFamily(GeneratorFamily):

@@ -130,6 +130,8 @@ CONFIG_CASES = [
     ("quoted number", _edit("train", lr="1.0e-3"), "key 'train.lr'"),
     ("string for a float", _edit("sample", eps="small"), "key 'sample.eps'"),
     ("inf", _literal("prepare", "std", ".inf"), "key 'prepare.std'"),
+    ("subnormal", _literal("prepare", "std", "1e-320"), "key 'prepare.std': 1e-320 is a subnormal float"),
+    ("a subnormal coordinate", _edit("prepare", means=[[5e-324, 0.0], [5.0, 5.0]]), "key 'prepare.means': 5e-324 is a subnormal"),
     ("nan", _literal("sample", "eps", ".nan"), "key 'sample.eps'"),
     ("negative step size", _edit("sample", eps=-1.0), "key 'sample.eps'"),
     ("huge sample count", _edit("sample", n_samples=10**11), "key 'sample.n_samples'"),

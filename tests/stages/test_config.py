@@ -302,3 +302,25 @@ def test_a_config_is_validated_by_its_familys_model_and_pickles(name):
     bad["train"]["family"] = "nope"
     with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', got 'nope'"):
         GenerativeConfig.model_validate(bad)
+
+
+@pytest.mark.parametrize("estimator,key,value,fragment", [
+    ("stein", "n_eigen", 8, "has no effect with estimator: stein (it is the 'ssge' estimator's)"),
+    ("stein", "eigen_threshold", 0.9, "has no effect with estimator: stein"),
+    ("ssge", "eta", 0.1, "has no effect with estimator: ssge (it is the 'stein' estimator's)"),
+    ("ssge", "eta_rel", 2.0, "has no effect with estimator: ssge"),
+])
+def test_a_key_that_does_nothing_under_the_chosen_estimator_is_an_error(tmp_path, estimator, key, value, fragment):
+    """`n_eigen` beside `estimator: stein` was accepted and did nothing: the user meant something by it."""
+    raw = yaml.safe_load((REPO / "conf" / "ring8-agd.yaml").read_text())
+    for k in ("eta", "eta_rel", "n_eigen", "eigen_threshold"):
+        raw["train"].pop(k, None)
+    raw["train"]["estimator"] = estimator
+    path = tmp_path / "agd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    load_config(path, GenerativeConfig)  # the estimator alone is fine
+    raw["train"][key] = value
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, GenerativeConfig)
+    assert str(info.value).startswith(f"{path}: key 'train.{key}': {fragment}"), info.value
