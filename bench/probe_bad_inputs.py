@@ -67,9 +67,17 @@ def main() -> None:
             rows.append(_row(f"environment: {' '.join(f'{k}={v}' for k, v in env.items())}", "stein run gmm2d", proc,
                              changed, time.perf_counter() - t0))
             print(rows[-1], flush=True)
+        for cli_args, _fragment in m.CLI_CASES:
+            before = m.snapshot(repo)
+            t0 = time.perf_counter()
+            proc = m.stein(repo, *cli_args)
+            changed = sum(before.get(k) != v for k, v in m.snapshot(repo).items())
+            rows.append(_row(f"option: {' '.join(cli_args[:2])}", f"stein {' '.join(cli_args)}", proc, changed,
+                             time.perf_counter() - t0))
+            print(rows[-1], flush=True)
         os.environ["PREFECT_HOME"] = str(repo / ".stein" / "prefect")
         with prefect_server() as url:
-            for name, stage, rel, spoil, _fragment in m.DATA_CASES:
+            for name, stage, rel, spoil, _fragment in (getattr(c, "values", c) for c in m.DATA_CASES):
                 path = repo / rel
                 saved = path.read_bytes()
                 try:
