@@ -60,11 +60,16 @@ def private_state_dir(root: Path | None = None) -> Path:
     by :func:`private_file` first."""
     state = state_dir(root)
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
-    for name in PRIVATE_STORES:
-        for path in (state / name, *(state / f"{name}{side}" for side in ("-wal", "-shm", "-journal"))):
-            if path.is_file():
-                os.chmod(path, 0o600)
+    try:
+        os.chmod(state, 0o700)
+        for name in PRIVATE_STORES:
+            for path in (state / name, *(state / f"{name}{side}" for side in ("-wal", "-shm", "-journal"))):
+                if path.is_file():
+                    os.chmod(path, 0o600)
+    except PermissionError as exc:  # another user's .stein/: theirs to tighten; say so, do not fail the command
+        import logging
+
+        logging.getLogger("stein").warning("cannot make %s owner-only (%s): it is not yours", exc.filename, exc.strerror)
     return state
 
 
