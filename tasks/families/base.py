@@ -17,6 +17,7 @@ take the step one worker takes with the global batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -90,19 +91,20 @@ class Model:
 MAX_PARAMETERS = 2**28
 
 
-def parameter_counts(build: Callable[[], Mapping[str, Any]]) -> dict[str, int]:
-    """The number of weights and buffers of each module ``build()`` returns, built on PyTorch's meta device:
-    shapes without storage, so a size no machine holds is counted, not allocated."""
+def meta_shapes(build: Callable[[], Mapping[str, Any]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shape of every tensor of the state of each module ``build()`` returns, built on PyTorch's meta device:
+    shapes without storage, so a size no machine holds is measured, not allocated."""
     import torch
 
     with torch.device("meta"):
         modules = build()
-    return {k: sum(t.numel() for t in m.state_dict().values()) for k, m in modules.items()}
+    return {k: {n: tuple(t.shape) for n, t in m.state_dict().items()} for k, m in modules.items()}
 
 
-def too_large(counts: Mapping[str, int]) -> str | None:
-    """What is wrong with modules of these sizes (:data:`MAX_PARAMETERS`), or None."""
-    for name, n in counts.items():
+def too_large(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str | None:
+    """What is wrong with modules of these state shapes (:func:`meta_shapes`; :data:`MAX_PARAMETERS`), or None."""
+    for name, tensors in shapes.items():
+        n = sum(math.prod(s) for s in tensors.values())
         if n > MAX_PARAMETERS:
             return (f"module {name!r} would hold {n:,} numbers ({4 * n / 2**30:,.0f} GiB of float32); a model here "
                     f"holds at most {MAX_PARAMETERS:,} (1 GiB): choose a smaller network")
@@ -134,15 +136,12 @@ def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
     except TypeError as exc:
         raise ConfigError("checkpoint", key, f"not arguments of {cls}: {exc}") from None
     try:
-        counts = parameter_counts(lambda: {name: ctor(**args)})
+        shapes = meta_shapes(lambda: {name: ctor(**args)})
     except Exception as exc:  # noqa: BLE001 - a wrong type or value in the file, whatever the constructor raises
         raise ConfigError("checkpoint", key, f"{cls}({short_repr(args)}) cannot be built: {exc}") from None
-    if (why := too_large(counts)) is not None:
+    if (why := too_large(shapes)) is not None:
         raise ConfigError("checkpoint", key, why)
-    import torch
-
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in ctor(**args).state_dict().items()}
+    want = shapes[name]
     saved = ckpt.get("modules", {}).get(name)
     got = {k: tuple(getattr(v, "shape", ())) for k, v in saved.items()} if isinstance(saved, dict) else {}
     if want != got:

@@ -51,7 +51,7 @@ STATE_KEYS = ("family", "step", "shape", "modules", "optimizers", "schedulers", 
 def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> str | None:
     """Why ``state`` (a Ray Train checkpoint's) cannot resume the training of ``family`` with ``cfg`` on examples
     of ``shape``, or None when it can: another family, other examples, a step past the end, other modules, or a
-    tensor of another shape than the modules this config builds (built on the CPU, not trained)."""
+    tensor of another shape than the modules this config builds (measured on the meta device, not built)."""
     if not isinstance(state, dict):
         return f"not a training state (a {type(state).__name__})"
     if missing := [k for k in STATE_KEYS if k not in state]:
@@ -62,13 +62,14 @@ def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> 
         return f"a checkpoint for examples of shape {list(state['shape'])}; the data's are {list(shape)}"
     if not (isinstance(state["step"], int) and 0 <= state["step"] <= cfg.n_steps):
         return f"a checkpoint of step {state['step']!r}; this training has steps 0..{cfg.n_steps}"
-    modules = family.build(cfg, tuple(shape))
+    from tasks.families.base import meta_shapes
+
+    modules = meta_shapes(lambda: family.build(cfg, tuple(shape)))
     saved = state["modules"]
     if not isinstance(saved, dict) or set(saved) != set(modules):
         got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         return f"a checkpoint of modules {got}; this training has {sorted(modules)}"
-    for name, module in modules.items():
-        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for name, want in modules.items():
         got = {k: tuple(getattr(v, "shape", ())) for k, v in saved[name].items()} if isinstance(saved[name], dict) else {}
         if want != got:
             diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]

@@ -211,9 +211,9 @@ def train_model(
     t_init = time.perf_counter()
     if run_name is None:
         run_name = training_run_name(pipeline, cfg, [data_path, *([heldout_path] if heldout_path else [])], root)
-    from tasks.families.base import parameter_counts, too_large
+    from tasks.families.base import meta_shapes, too_large
 
-    if (why := too_large(parameter_counts(lambda: family.build(cfg, _example_shape(Path(data_path)))))) is not None:
+    if (why := too_large(meta_shapes(lambda: family.build(cfg, _example_shape(Path(data_path)))))) is not None:
         raise ConfigError(config_file, "train.net", why)
     storage_path, storage_fs = _storage(settings, root)
     set_aside_unresumable(storage_path, storage_fs, run_name, family, cfg, data_path)
