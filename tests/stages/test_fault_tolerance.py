@@ -331,6 +331,7 @@ def test_a_truncated_checkpoint_or_list_is_unreadable_not_a_crash(tmp_path, good
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a full training through Ray (35 s); the checks it relies on are the quick cases above
 def test_a_run_folder_that_cannot_resume_is_moved_aside_and_the_training_starts_over(project, reference, good_state,
                                                                                    caplog):
     """A truncated state.pt in the run folder of this very training (same name, same inputs): before, Ray Train

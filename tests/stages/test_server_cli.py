@@ -232,7 +232,8 @@ def _ui_processes(port: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.heavy)],
+                         ids=["SIGTERM", "SIGKILL"])  # SIGKILL heavy, as for `stein server`: make test under 10 min
 def test_stein_ui_serves_and_stops_with_the_command(project, sig):
     """`stein ui` runs `mlflow ui` as a child under the rules of `stein server` (its own session, a parent-death
     signal): before, it exec'd into it, and after a SIGKILL its uvicorn served on with no parent."""
