@@ -101,6 +101,17 @@ def meta_shapes(build: Callable[[], Mapping[str, Any]]) -> dict[str, dict[str, t
     return {k: {n: tuple(t.shape) for n, t in m.state_dict().items()} for k, m in modules.items()}
 
 
+def shape_mismatch(want: Mapping[str, tuple[int, ...]], saved: Any) -> tuple[str, Any, Any] | None:
+    """The first tensor where a saved state (a module's ``state_dict`` from a file, or not even a mapping) differs
+    from the shapes ``want`` (:func:`meta_shapes`): ``(key, saved shape or 'absent', wanted shape or 'absent')``;
+    None when every key and shape agrees."""
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in saved.items()} if isinstance(saved, dict) else {}
+    if want == got:
+        return None
+    key = (sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]])[0]
+    return key, got.get(key, "absent"), want.get(key, "absent")
+
+
 def too_large(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str | None:
     """What is wrong with modules of these state shapes (:func:`meta_shapes`; :data:`MAX_PARAMETERS`), or None."""
     for name, tensors in shapes.items():
@@ -141,13 +152,11 @@ def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
         raise ConfigError("checkpoint", key, f"{cls}({short_repr(args)}) cannot be built: {exc}") from None
     if (why := too_large(shapes)) is not None:
         raise ConfigError("checkpoint", key, why)
-    want = shapes[name]
     saved = ckpt.get("modules", {}).get(name)
-    got = {k: tuple(getattr(v, "shape", ())) for k, v in saved.items()} if isinstance(saved, dict) else {}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+    if (diff := shape_mismatch(shapes[name], saved)) is not None:
+        key, got, want = diff
         raise ConfigError("checkpoint", f"modules.{name}", f"the weights do not fit {cls}({short_repr(args)}) at "
-                          f"{diff[0]!r}: saved {got.get(diff[0], 'absent')}, built {want.get(diff[0], 'absent')}")
+                          f"{key!r}: saved {got}, built {want}")
     net = ctor(**args)
     net.load_state_dict(saved)
     return net

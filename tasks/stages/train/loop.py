@@ -62,7 +62,7 @@ def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> 
         return f"a checkpoint for examples of shape {list(state['shape'])}; the data's are {list(shape)}"
     if not (isinstance(state["step"], int) and 0 <= state["step"] <= cfg.n_steps):
         return f"a checkpoint of step {state['step']!r}; this training has steps 0..{cfg.n_steps}"
-    from tasks.families.base import meta_shapes
+    from tasks.families.base import meta_shapes, shape_mismatch
 
     modules = meta_shapes(lambda: family.build(cfg, tuple(shape)))
     saved = state["modules"]
@@ -70,12 +70,9 @@ def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> 
         got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         return f"a checkpoint of modules {got}; this training has {sorted(modules)}"
     for name, want in modules.items():
-        got = {k: tuple(getattr(v, "shape", ())) for k, v in saved[name].items()} if isinstance(saved[name], dict) else {}
-        if want != got:
-            diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-            key = diff[0]
-            return (f"module {name!r} does not match this config at {key!r}: checkpoint {got.get(key, 'absent')}, "
-                    f"config {want.get(key, 'absent')}")
+        if (diff := shape_mismatch(want, saved[name])) is not None:
+            key, got, wanted = diff
+            return f"module {name!r} does not match this config at {key!r}: checkpoint {got}, config {wanted}"
     return None
 
 
