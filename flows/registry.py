@@ -43,13 +43,15 @@ class Stage:
         return getattr(importlib.import_module(module), func)
 
 
-def generative_stages(*, classifier: bool = False) -> tuple[Stage, ...]:
-    """prepare -> [classifier] -> train -> sample -> evaluate."""
+def generative_stages(*, classifier: bool = False, base: bool = False) -> tuple[Stage, ...]:
+    """prepare -> [classifier] -> train -> sample [-> sample-base] -> evaluate. ``base``: a second sample stage
+    (section ``sample_base``, ``samples/<pipeline>/base.parquet``), a GEBM's base generator beside the model."""
     return (
         Stage("prepare", "flows.prepare:prepare_flow", "prepare"),
         *((Stage("classifier", "flows.classifier:classifier_flow", "classifier"),) if classifier else ()),
         Stage("train", "flows.train:train_flow", "train"),
         Stage("sample", "flows.sample:sample_flow", "sample"),
+        *((Stage("sample-base", "flows.sample:sample_flow", "sample_base", "base"),) if base else ()),
         Stage("evaluate", "flows.evaluate:evaluate_flow", "evaluate"),
     )
 
@@ -167,6 +169,15 @@ PIPELINES: dict[str, Pipeline] = {
                  "estimator, Li 2017); FID/KID/precision-recall/MMD", stages=_IMAGES),
         Pipeline("digits-mmd", "8x8 digits: DCGAN-style generator by direct MMD² minimisation, same kernel and "
                  "budget as digits-agd", stages=_IMAGES),
+        Pipeline("ring8-gebm", "ring of 8 Gaussians: generalised energy-based model (Arbel et al. 2021): MLP base "
+                 "and energy trained on the KALE bound, latent Langevin; the base's samples evaluated beside",
+                 stages=generative_stages(base=True)),
+        Pipeline("ring8-mmdgan", "ring of 8 Gaussians: MMD-GAN (Bińkowski et al. 2018), the agd/mmd generator "
+                 "against an MLP critic with a witness gradient penalty"),
+        Pipeline("digits-gebm", "8x8 digits: generalised energy-based model, DCGAN-style base and conv energy, "
+                 "latent Langevin; FID of the GEBM and of its base", stages=generative_stages(classifier=True, base=True)),
+        Pipeline("digits-mmdgan", "8x8 digits: MMD-GAN, the digits-agd generator against a conv critic",
+                 stages=_IMAGES),
     )
 }
 

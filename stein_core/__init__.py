@@ -12,7 +12,7 @@ permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
 (ULA, MALA, RWMH, underdamped Langevin, HMC, annealed Langevin), ``nets``
 (noise-conditional MLP and conv score networks, MLP and conv generators),
 ``generators`` (approximate-gradient-descent and MMD losses for implicit
-generators), ``ema`` (weight averaging),
+generators), ``critics`` (KALE and generalised energy-based models, MMD-GAN critics), ``ema`` (weight averaging),
 ``metrics`` (Fréchet distance, KID, Inception score, precision/recall, streaming
 moments), ``features`` (the extractor protocol, a LeNet classifier), ``inception``
 (the FID Inception-v3).
@@ -30,6 +30,9 @@ import importlib
 
 #: Every public name -> its submodule.
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "critics": ("ConvCritic", "MLPCritic", "Scalar", "gradient_penalty", "interpolates", "kale_base_loss",
+                "kale_divergence", "kale_energy_loss", "latent_log_prob", "mmd2_u", "mmd_witness",
+                "optimal_log_partition", "rq_mixture_kernel"),
     "discrepancies": ("Kernel", "LinearStatistic", "MaxSKSDResult", "get_ksd_fn", "get_mmd_fn", "get_sksd_fn", "ksd",
                       "ksd_linear", "maxsksd", "median_rbf", "mmd", "mmd_linear", "sksd", "sliced_stein_kernel_matrix",
                       "stein_kernel_matrix"),

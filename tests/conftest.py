@@ -213,6 +213,7 @@ TINY_CAPS = {
     "n_train": 2000, "n_test": 600, "max_train": 300, "epochs": 5, "n_steps": 40, "log_every": 10,
     "checkpoint_every": 20, "heldout_every": 20, "heldout_n": 100, "batch_size": 64, "n_samples": 200,
     "n_steps_each": 5, "n_eval": 100, "n_bootstrap": 50, "kid_subset_size": 30, "kid_subsets": 10, "grid": 6,
+    "burst_steps": 5, "energy_steps": 2, "critic_steps": 2,
 }
 
 

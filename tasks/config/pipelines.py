@@ -57,15 +57,20 @@ class GenerativeConfig(_Section):
     classifier: ClassifierTrain | None = Field(None, description="a feature classifier for FID/KID/IS (images)")
     train: SerializeAsAny[TrainBase]
     sample: SampleSection
+    sample_base: SampleSection | None = Field(
+        None, description="a second sample set, samples/<pipeline>/base.parquet (a GEBM's base generator alone)")
     evaluate: Evaluate
 
     @model_validator(mode="after")
     def _check_family(self) -> GenerativeConfig:
         family = FAMILIES[self.train.family]
-        if self.sample.sampler not in family.samplers:
-            raise KeyedError("sample.sampler", f"a {family.name} model cannot be sampled with {self.sample.sampler!r} "
-                             f"(options: {', '.join(sorted(family.samplers))})")
+        for key, section in _sample_sections(self).items():
+            if section.sampler not in family.samplers:
+                raise KeyedError(f"{key}.sampler", f"a {family.name} model cannot be sampled with {section.sampler!r} "
+                                 f"(options: {', '.join(sorted(family.samplers))})")
         ev = self.evaluate
+        if "energy" in ev.plots and not family.has_energy:
+            raise KeyedError("evaluate.plots", f"energy draws the model's energy; a {family.name} model has none")
         listed = list(ev.metrics) + list(ev.checkpoints.metrics if ev.checkpoints else [])
         if "ksd_model" in listed and not family.has_score:
             key = "evaluate.metrics" if "ksd_model" in ev.metrics else "evaluate.checkpoints.metrics"

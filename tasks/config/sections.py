@@ -158,10 +158,6 @@ class TrainBase(_Section):
 
     family: str
     seed: Seed = 1
-    lr: float = Field(1e-3, gt=0, le=10)
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="cosine decay to 0 over n_steps, or a constant rate"
-    )
     batch_size: int = Field(256, ge=2, le=1_000_000, description="the global batch (all workers together)")
     n_steps: int = Field(3000, ge=1, le=100_000_000)
     log_every: int = Field(100, ge=1, le=100_000_000)
@@ -177,6 +173,16 @@ class TrainBase(_Section):
         if self.heldout_every and self.heldout_every % self.log_every:
             raise ValueError(f"heldout_every ({self.heldout_every}) must be a multiple of log_every ({self.log_every})")
         return self
+
+
+class OneOptimizerTrain(TrainBase):
+    """The train section of a family with one optimiser for all its modules (``Family.optimizers``' default): Adam
+    at ``lr`` with the schedule ``lr_schedule``. Families with an optimiser per module have a section each."""
+
+    lr: float = Field(1e-3, gt=0, le=10)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine decay to 0 over n_steps, or a constant rate"
+    )
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -218,9 +224,30 @@ class GeneratorSample(_SampleBase):
     sampler: Literal["generator"]
 
 
+class LatentLangevinSample(_SampleBase):
+    """A generalised energy-based model's samples (Arbel, Zhou & Gretton, ICLR 2021): a Langevin chain in the latent
+    space on U(z) = |z|²/2 + β·E(B(z)) from z_0 ~ N(0, I), then x = B(z). ``method``: ``ula`` (unadjusted, step
+    z ← z − α∇U(z) + √(2α) ξ), ``mala`` (ULA proposals with a Metropolis-Hastings correction: exact for any step) or
+    ``kinetic`` (underdamped Langevin, BAOAB, step α, friction γ). β = 0 samples the base alone."""
+
+    sampler: Literal["latent_langevin"]
+    method: Literal["ula", "mala", "kinetic"] = "ula"
+    beta: float = Field(1.0, ge=0, le=1e6, description="β, the energy's weight (1: the trained model; 0: the base)")
+    step_size: float = Field(1e-2, gt=0, le=10, description="α, the chain's step in the latent space")
+    n_steps: int = Field(100, ge=1, le=10_000_000)
+    friction: float = Field(1.0, gt=0, le=1e6, description="γ of the kinetic chain (kinetic only)")
+
+    @model_validator(mode="after")
+    def _friction_is_kinetic(self):
+        if self.method != "kinetic" and self.friction != type(self).model_fields["friction"].default:
+            raise ValueError(f"friction has no effect with method: {self.method} (it is the kinetic chain's): "
+                             "remove it, or set method: kinetic")
+        return self
+
+
 #: A sample section, chosen by its ``sampler`` key.
 SampleSection = Annotated[
-    AnnealedLangevinSample | LangevinSample | GeneratorSample, Field(discriminator="sampler")
+    AnnealedLangevinSample | LangevinSample | GeneratorSample | LatentLangevinSample, Field(discriminator="sampler")
 ]
 
 
@@ -248,9 +275,10 @@ METRIC_NAMES = (
     "inception_score",   # Inception score from the feature network's logits
     "precision_recall",  # improved precision and recall (Kynkäänniemi et al. 2019) of features
     "mode_coverage",     # modes holding at least a quarter of their expected share of the samples (toys)
+    "kale",              # KALE(held-out ‖ samples): an energy fitted on one half, the KL lower bound on the other
 )
 Metric = Literal[METRIC_NAMES]
-Plot = Literal["samples", "score_field", "nearest"]
+Plot = Literal["samples", "score_field", "nearest", "energy"]
 
 
 def _unique(values: list[str], what: str) -> None:
@@ -334,6 +362,7 @@ def short_repr(value: Any) -> str:
 #: The tags of the discriminated sections (``prepare.source``, ``sample*.sampler``, ``net.kind``): pydantic puts
 #: the chosen tag into an error's location (``train.agd.lr``), which is not a key of the file.
 UNION_TAGS: set[str] = {"mixture", "ring", "digits", "mnist", "cifar10", "annealed_langevin", "langevin", "generator",
+                        "latent_langevin",
                         "mlp", "conv"}
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from tasks.config.sections import TrainBase, _Section
+from tasks.config.sections import OneOptimizerTrain, _Section
 from tasks.families.base import Family, Model, StepContext, TrainState, build_from_checkpoint
 
 
@@ -47,7 +47,7 @@ class GeneratorKernel(_Section):
         return get_kernel_fn(scales=tuple(self.scales), beta=self.beta, bandwidth=self.bandwidth)
 
 
-class GeneratorTrain(TrainBase):
+class GeneratorTrain(OneOptimizerTrain):
     net: Annotated[MLPGeneratorNet | ConvGeneratorNet, Field(discriminator="kind")] = MLPGeneratorNet(kind="mlp")
     kernel: GeneratorKernel = GeneratorKernel()
 

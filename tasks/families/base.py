@@ -13,6 +13,25 @@ ranks: the global mean). A loss that couples the examples of a batch (a kernel m
 computed on ``ctx.gather(local_rows)``, the global batch whose local rows carry the gradient, and scaled by
 ``ctx.world`` (DDP's average of the ranks' partial gradients is then the full gradient). Either way N workers
 take the step one worker takes with the global batch.
+
+Models of several modules trained against each other (a generator and a critic, a base and an energy) grow the
+contract in four ways, each available to every family:
+
+- **Alternating updates.** One loop step is one update of the family's main module, preceded by as many updates
+  of the others as the family's schedule says at that step (a function of the step number alone, so resume and
+  DDP see the same schedule). Each update draws its own global batch with ``ctx.draw()``, from the step's
+  generator: every batch stays a pure function of (seed, step). A metric may be a vector of one value per
+  update (``[k]``): the loop averages every metric over the updates that reported it, not over loop steps.
+- **Per-module optimisers and schedules.** :meth:`Family.optimizers` builds one optimiser per module (learning
+  rate, Adam betas) and :meth:`Family.lr_schedule` names each one's schedule.
+- **Learnable scalars** (a log-partition) are modules of their own (``stein_core.critics.Scalar``): saved,
+  restored, optimised and checked for non-finite values like any network.
+- **Gradient penalties under DDP.** Double backward through a DDP-wrapped module has known pitfalls (DDP's
+  reducer fires on the first backward pass; ``torch.autograd.grad`` with ``create_graph`` is outside what it
+  supports), so a family may set ``ddp = False``: the loop then leaves its modules unwrapped and the family
+  reduces the gradients itself, ``ctx.average_gradients(module)`` after a backward of a mean of per-example
+  terms, or ``ctx.backward_coupled(...)`` and ``ctx.sum_gradients(module)`` for a loss that couples the examples
+  of the global batch and needs exact cross-rank terms (a gradient penalty on a witness built from every row).
 """
 
 from __future__ import annotations
@@ -35,6 +54,8 @@ class StepContext:
     world: int
     generator: Any  # torch.Generator
     device: Any
+    #: another global minibatch ``[B, d]`` drawn from ``generator`` (an alternating update's own batch)
+    draw: Callable[[], Any] | None = None
 
     def local(self, t):
         """Rows ``[rank * b, (rank + 1) * b)`` of a global-batch tensor ``[B, ...]`` (b = B / world)."""
@@ -55,6 +76,67 @@ class StepContext:
         dist.all_gather(parts, x_local.detach().contiguous())
         parts[self.rank] = x_local
         return torch.cat(parts)
+
+    def _grads(self, module) -> list:
+        return [p.grad for p in module.parameters() if p.grad is not None]
+
+    def _all_reduce(self, tensors: list, scale: float) -> None:
+        """Sum ``tensors`` over the ranks in place (one flat all-reduce), then multiply by ``scale``."""
+        if self.world == 1 or not tensors:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat.mul_(scale)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def average_gradients(self, *modules) -> None:
+        """Average the gradients of ``modules`` over the ranks (what DDP does), for an unwrapped module whose loss
+        is a mean of per-example terms over this rank's slice."""
+        self._all_reduce([g for m in modules for g in self._grads(m)], 1.0 / self.world)
+
+    def sum_gradients(self, *modules) -> None:
+        """Sum the gradients of ``modules`` over the ranks: after :meth:`backward_coupled`, whose per-rank parts add
+        up to the global loss's gradient."""
+        self._all_reduce([g for m in modules for g in self._grads(m)], 1.0)
+
+    def backward_coupled(self, rows: list, loss_fn: Callable[[list], Any]):
+        """Backward of a loss that couples the rows of the global batch, exactly under data parallelism.
+
+        ``rows``: this rank's rows ``[b, ...]`` of tensors computed from its slice (features of its examples);
+        ``loss_fn(global_rows) -> []``: this rank's share of the global loss, given the global tensors ``[B, ...]``
+        (the shares of the ranks add up to the global loss; a term over every row, such as an MMD², is divided by
+        ``ctx.world``, and a mean of per-example terms over this rank's own rows is divided by the global count).
+        Every rank computes the gradient of its share with respect to *all* rows, the ranks sum these, and each
+        rank sends the sum's slice of its own rows back through its own graph: cross-rank terms (row j of one
+        rank in the share of another) are kept. Then :meth:`sum_gradients` gives every rank the global gradient.
+        Returns this rank's share (detached)."""
+        import torch
+
+        if self.world == 1:
+            loss = loss_fn(list(rows))
+            loss.backward()
+            return loss.detach()
+        import torch.distributed as dist
+
+        leaves = []
+        for r in rows:
+            parts = [torch.empty_like(r) for _ in range(self.world)]
+            dist.all_gather(parts, r.detach().contiguous())
+            leaves.append(torch.cat(parts).requires_grad_(True))
+        loss = loss_fn(leaves)
+        loss.backward()  # the direct terms into the parameters, and d(share)/d(every row) into the leaves
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+        self._all_reduce(grads, 1.0)
+        live = [(r, g[self.rank * r.shape[0]:(self.rank + 1) * r.shape[0]]) for r, g in zip(rows, grads) if r.requires_grad]
+        if live:
+            torch.autograd.backward([r for r, _ in live], [g for _, g in live])
+        return loss.detach()
 
 
 @dataclass
@@ -122,9 +204,9 @@ def too_large(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> str | None
     return None
 
 
-def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
-    """Module ``name`` of a model checkpoint: its class (one of ``allowed``, from ``stein_core``) rebuilt from
-    its constructor arguments, with the checkpoint's weights loaded.
+def build_from_checkpoint(ckpt, name: str, allowed: tuple[str | type, ...]):
+    """Module ``name`` of a model checkpoint: its class (one of ``allowed``: classes, or names of classes of
+    ``stein_core.nets``) rebuilt from its constructor arguments, with the checkpoint's weights loaded.
 
     The arguments come from a file: before any storage is allocated they must bind to the constructor, build on
     the meta device, stay under :data:`MAX_PARAMETERS` and give the checkpoint's tensor shapes; any of these
@@ -134,10 +216,11 @@ def build_from_checkpoint(ckpt, name: str, allowed: tuple[str, ...]):
     from stein_core import nets
     from tasks.config.sections import ConfigError, short_repr
 
+    classes = {c if isinstance(c, str) else c.__name__: (getattr(nets, c) if isinstance(c, str) else c) for c in allowed}
     cls = ckpt.get("classes", {}).get(name)
-    if cls not in allowed:
-        raise ConfigError("checkpoint", f"classes.{name}", f"{short_repr(cls)} is not a network of this family ({', '.join(allowed)})")
-    ctor = getattr(nets, cls)
+    if not isinstance(cls, str) or cls not in classes:
+        raise ConfigError("checkpoint", f"classes.{name}", f"{short_repr(cls)} is not a network of this family ({', '.join(classes)})")
+    ctor = classes[cls]
     args = ckpt.get("model_args", {}).get(name)
     key = f"model_args.{name}"
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -171,20 +254,30 @@ class Family:
     samplers: ClassVar[frozenset[str]]
     #: whether a loaded model has ``score(x)`` (metrics such as ``ksd_model`` need it)
     has_score: ClassVar[bool] = False
+    #: whether a loaded model (with its family's own sampler) has ``energy(x)`` (the ``energy`` plot draws it)
+    has_energy: ClassVar[bool] = False
     #: whether it is a noise-conditional score network (``score_field`` plots its field at several noise levels)
     noise_conditional: ClassVar[bool] = False
     #: the step metric drawn in ``plots/<pipeline>/train_loss.csv``'s DVC plot
     loss_key: ClassVar[str]
+    #: whether the loop wraps the modules in DDP; False: the family's step reduces its gradients itself
+    #: (``StepContext.average_gradients``/``backward_coupled``), as double backward needs
+    ddp: ClassVar[bool] = True
 
     def build(self, cfg: TrainBase, shape: tuple[int, ...]) -> dict[str, Any]:
         """The named modules for examples of ``shape``; each has ``model_args`` (its constructor arguments)."""
         raise NotImplementedError
 
     def optimizers(self, cfg: TrainBase, modules: Mapping[str, Any]) -> dict[str, Any]:
-        """One Adam per module at ``cfg.lr`` (families with other needs override)."""
+        """One Adam per module at ``cfg.lr`` (a ``OneOptimizerTrain`` section; families with other needs override)."""
         import torch
 
         return {name: torch.optim.Adam(m.parameters(), lr=cfg.lr) for name, m in modules.items()}
+
+    def lr_schedule(self, cfg: TrainBase, name: str) -> str:
+        """The learning-rate schedule of module ``name``'s optimiser (``cosine`` or ``constant``; one scheduler
+        step per loop step); by default the ``OneOptimizerTrain`` section's one schedule."""
+        return cfg.lr_schedule
 
     def init_extra(self, cfg: TrainBase, modules: Mapping[str, Any]) -> dict[str, Any]:
         """Extra training state saved in checkpoints (objects with state_dict/load_state_dict)."""
@@ -196,7 +289,9 @@ class Family:
         return None
 
     def step(self, state: TrainState, batch, ctx: StepContext, cfg: TrainBase) -> dict[str, Any]:
-        """One optimisation step on the global minibatch ``batch`` ``[B, d]`` -> named 0-dim tensors."""
+        """One loop step on the global minibatch ``batch`` ``[B, d]`` (more with ``ctx.draw()``) -> named metrics:
+        0-dim tensors, or ``[k]`` tensors of one value per update of a kind the step took k times (averaged by the
+        loop over the updates that reported them)."""
         raise NotImplementedError
 
     def export(self, cfg: TrainBase, state: dict) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config.sections import TrainBase, _Section
+from tasks.config.sections import OneOptimizerTrain, _Section
 from tasks.families.base import Family, Model, StepContext, TrainState
 
 
@@ -33,7 +33,7 @@ class ConvScoreNet(_Section):
     num_res_blocks: int = Field(1, ge=1, le=16)
 
 
-class NCSNTrain(TrainBase):
+class NCSNTrain(OneOptimizerTrain):
     """Denoising score matching over σ_1 > … > σ_L with λ(σ) = σ² (NCSN)."""
 
     family: Literal["ncsn"]

@@ -89,7 +89,8 @@ def test_the_probe_catches_a_missing_dep(loaded):
 def test_a_stage_depends_on_its_own_family_only():
     stages = _dvc_stages()
     families = {"gmm2d": "ncsn", "digits": "ncsn", "ring8-agd": "agd", "digits-agd": "agd", "ring8-mmd": "mmd",
-                "digits-mmd": "mmd", "gmm2d-blindness": "ncsn"}
+                "digits-mmd": "mmd", "gmm2d-blindness": "ncsn", "ring8-gebm": "gebm", "digits-gebm": "gebm",
+                "ring8-mmdgan": "mmdgan", "digits-mmdgan": "mmdgan"}
     for name, spec in PIPELINES.items():
         for st in spec.stages:
             deps = stages[spec.dvc_stage(st.name)]["deps"]
@@ -98,6 +99,16 @@ def test_a_stage_depends_on_its_own_family_only():
             assert used == {families[name]}, (name, st.name, used)  # every stage validates the train section
             assert not any(is_wiring(d) for d in deps), (name, st.name)
             assert not any(d in ("stein_core", "tasks/families") for d in deps), "code deps are files, not folders"
+
+
+def test_the_critics_module_reruns_the_generator_critic_pipelines_only():
+    stages = _dvc_stages()  # (every evaluate stage imports it: the kale metric)
+    for name, spec in PIPELINES.items():
+        if spec.upstream:
+            continue
+        critic = name.endswith(("-gebm", "-mmdgan"))
+        assert ("stein_core/critics.py" in stages[f"{name}-train"]["deps"]) == critic, name
+        assert ("tasks/families/_critic.py" in stages[f"{name}-train"]["deps"]) == critic, name
 
 
 def test_generators_module_reruns_the_generator_pipelines_only():

@@ -258,8 +258,8 @@ def test_every_shipped_number_refuses_a_value_below_its_bound(name, tmp_path):
     assert leaves
     for key in leaves:
         value = functools.reduce(lambda n, p: n[int(p)] if isinstance(n, list) else n[p], key.split("."), raw)
-        # 0 is a value for a seed, and for heldout_every ("no held-out curve")
-        zero_ok = key.endswith(("seed", "heldout_every"))
+        # 0 is a value for a seed, for heldout_every ("no held-out curve") and burst_every ("no bursts")
+        zero_ok = key.endswith(("seed", "heldout_every", "burst_every"))
         for bad in ([-1e12] if isinstance(value, float) else [-10**12]) + ([0] if isinstance(value, int) and value > 0 and not zero_ok else []):
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(_set(raw, key, bad)))
@@ -300,7 +300,7 @@ def test_a_config_is_validated_by_its_familys_model_and_pickles(name):
     assert cfg.model_dump()["train"] == cfg.train.model_dump() and "net" in cfg.model_dump()["train"]
     bad = yaml.safe_load((REPO / "conf" / f"{name}.yaml").read_text())
     bad["train"]["family"] = "nope"
-    with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', got 'nope'"):
+    with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', 'gebm', 'mmdgan', got 'nope'"):
         GenerativeConfig.model_validate(bad)
 
 

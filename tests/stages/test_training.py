@@ -17,11 +17,20 @@ FAMILY_CFG = {
     "ncsn": {"net": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "n_sigmas": 4, "ema_decay": 0.9},
     "agd": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}},
     "mmd": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}},
+    # bursts of critic updates at steps 0, 8, 16, ...: the resume below restarts at 10, between two bursts
+    "gebm": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}, "energy": {"kind": "mlp", "hidden": 16},
+             "energy_steps": 2, "burst_steps": 4, "burst_every": 8, "penalty": 0.5,
+             "generator_optimizer": {"lr": 3e-3}, "critic_optimizer": {"lr": 3e-3}, "log_partition_lr": 3e-3},
+    "mmdgan": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}, "critic": {"kind": "mlp", "hidden": 16},
+               "features": 4, "critic_steps": 2, "burst_steps": 4, "burst_every": 8,
+               "generator_optimizer": {"lr": 3e-3}, "critic_optimizer": {"lr": 3e-3}},
 }
 
 
 def _cfg(family: str, **kw):
-    base = {"family": family, "n_steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 10, "lr": 3e-3}
+    base = {"family": family, "n_steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 10}
+    if "critic_optimizer" not in FAMILY_CFG[family]:
+        base["lr"] = 3e-3
     return FAMILIES[family].config.model_validate(base | FAMILY_CFG[family] | kw)
 
 
@@ -58,6 +67,31 @@ def test_resume_from_a_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(
     initial = fit(FAMILIES[family], cfg, data, (2,), device="cpu", stop_after=0)
     assert any(not torch.equal(v, uninterrupted["modules"][n][k])
                for n, sd in initial["modules"].items() for k, v in sd.items())
+
+
+def test_a_metric_is_averaged_over_the_updates_that_reported_it(data):
+    """A step may report a metric as one value per update (a critic's k updates) or not at all (a generator-only
+    metric on a step without one): the logged mean is over the reported values, not over loop steps. Here 'every'
+    is 1 at each step, "burst" is [2, 4] on even steps only: its mean is 3 (averaged per loop step over all steps it
+    would be 3 x 3 / 5 on a window of 5 steps with 3 even ones)."""
+
+    inner = FAMILIES["agd"]
+
+    class Reporting:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def step(self, state, batch, ctx, cfg):
+            inner.step(state, batch, ctx, cfg)
+            out = {"every": torch.tensor(1.0)}
+            if ctx.step % 2 == 0:
+                out["burst"] = torch.tensor([2.0, 4.0])
+            return out
+
+    logged = []
+    fit(Reporting(), _cfg("agd", n_steps=10, log_every=5), data, (2,), device="cpu",
+        hooks=Hooks(on_log=lambda step, m, info: logged.append((step, m))))
+    assert logged == [(5, {"burst": 3.0, "every": 1.0}), (10, {"burst": 3.0, "every": 1.0})]
 
 
 class _Poisoned:

@@ -20,7 +20,7 @@ TARGET_METRICS = frozenset({"ksd_target", "mode_weight", "log_likelihood", "mode
 HEADLINE_KEY = {
     "ksd_target": "ksd", "ksd_model": "ksd_model", "mmd": "mmd", "mode_weight": "weight_error",
     "log_likelihood": "log_likelihood", "fid": "fid", "kid": "kid", "inception_score": "inception_score",
-    "precision_recall": "precision", "mode_coverage": "modes_covered",
+    "precision_recall": "precision", "mode_coverage": "modes_covered", "kale": "kale",
 }
 
 
@@ -48,7 +48,7 @@ def required_inputs(cfg: Evaluate) -> set[str]:
     if cfg.reference == "train" or "nearest" in cfg.plots:
         need.add("train")
     listed = set(cfg.metrics) | set(cfg.checkpoints.metrics if cfg.checkpoints else ())
-    if "ksd_model" in listed or "score_field" in cfg.plots:
+    if "ksd_model" in listed or "score_field" in cfg.plots or "energy" in cfg.plots:
         need.add("model")
     if cfg.features == "classifier" and listed & FEATURE_METRICS:
         need.add("classifier")
@@ -84,6 +84,8 @@ def check_evaluation(cfg: Evaluate, inputs: EvalInputs, *, metrics: list[str], s
             raise bad("evaluate.plots", f"score_field draws the true score beside the learned one; {inputs.test} records no true distribution")
     if "score_field" in cfg.plots and dim != 2:
         raise bad("evaluate.plots", f"score_field needs 2-D data, {inputs.test} has dimension {dim}")
+    if "energy" in cfg.plots and dim != 2:
+        raise bad("evaluate.plots", f"energy draws contours in the plane, {inputs.test} has dimension {dim}")
     if "nearest" in cfg.plots and len(shape) != 3:
         raise bad("evaluate.plots", f"nearest shows images, {inputs.test} holds vectors of shape {shape}")
     if "inception_score" in metrics and cfg.features == "raw":

@@ -306,6 +306,14 @@ def _precision_recall(d: EvalData, s: SampleSet) -> dict[str, float]:
     return {"precision": float(res.precision), "recall": float(res.recall)}
 
 
+def _kale(d: EvalData, s: SampleSet) -> dict[str, float]:
+    """KALE(held-out ‖ samples) (Arbel, Zhou & Gretton 2021): an energy fitted on half of the comparison set and of
+    the samples, the KL lower bound reported on the other halves (``stein_core.critics.kale_divergence``)."""
+    from stein_core.critics import kale_divergence
+
+    return {"kale": float(kale_divergence(d.comparison_eval, s.x_eval, generator=d.generator("kale", s.name)))}
+
+
 def _feature_info(d: EvalData) -> dict[str, float]:
     """The classifier's held-out accuracy, logged beside every feature metric it produced."""
     if d.cfg.features != "classifier":
@@ -326,11 +334,13 @@ METRICS: dict[str, Metric] = {
     "kid": Metric(_kid, info=_feature_info),
     "inception_score": Metric(_inception_score, info=_feature_info),
     "precision_recall": Metric(_precision_recall, info=_feature_info),
+    "kale": Metric(_kale),
 }
 
 
 def evaluate_sets(data: EvalData, sets: dict[str, Any], *, sources: dict[str, Path] | None = None) -> dict[str, float]:
-    """The configured metrics of every sample set (keys suffixed ``_<set>`` when there are several), of the
+    """The configured metrics of every sample set (keys suffixed ``_<set>`` when there are several, except for the
+    set named ``samples``, the pipeline's model: ``mmd`` beside ``mmd_base``), of the
     reference set at the smallest set's evaluation size (``ref_*``), the once-per-model keys, and ``n_eval``."""
     sources = sources or {}
     wrapped = {name: data.sample_set(name, x, source=sources.get(name, name)) for name, x in sets.items()}
@@ -339,7 +349,7 @@ def evaluate_sets(data: EvalData, sets: dict[str, Any], *, sources: dict[str, Pa
     out: dict[str, float] = dict(data.once())
     for name, s in wrapped.items():
         m = data.evaluate(s)
-        out |= m if len(wrapped) == 1 else {f"{k}_{name}": v for k, v in m.items()}
+        out |= m if len(wrapped) == 1 or name == "samples" else {f"{k}_{name}": v for k, v in m.items()}
         log.info("evaluated %s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
     out |= reference_metrics(data, n_eval, n)
     out["n_eval"] = float(n_eval)

@@ -58,6 +58,36 @@ def plot_sample_sets(sets: dict[str, np.ndarray], *, mixture=None, path: Path, t
     _save(fig, path)
 
 
+def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, size: int = 150) -> None:
+    """Point sets side by side (a GEBM's samples, its base's, held-out data) over the filled contours of the
+    trained energy's density exp(-E(x)) (normalised over the plotted window): where the energy moves the base's
+    mass."""
+    import torch
+
+    from tasks.families import load_model
+    from tasks.config.sections import LatentLangevinSample
+
+    plt = _pyplot()
+    model = load_model(model_path, sampler=LatentLangevinSample(sampler="latent_langevin"))
+    sets = {k: np.asarray(v)[:, :2] for k, v in sets.items()}
+    pts = np.concatenate(list(sets.values()))
+    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+    pad = 0.15 * (hi - lo)
+    gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], size), np.linspace(lo[1] - pad[1], hi[1] + pad[1], size))
+    grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
+    e = model.energy(grid).double().numpy().reshape(gx.shape)
+    density = np.exp(-(e - e.min()))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4.6), sharex=True, sharey=True, constrained_layout=True)
+    for i, (ax, (name, p)) in enumerate(zip(np.atleast_1d(axes), sets.items())):
+        ax.contourf(gx, gy, density, levels=12, cmap="Greys", alpha=0.6)
+        k = min(len(p), 3000)
+        ax.scatter(p[:k, 0], p[:k, 1], s=3, alpha=0.4, color=f"C{i}")
+        ax.set_title(f"{name}, n={len(p)}")
+        ax.set_aspect("equal")
+    fig.suptitle("trained energy: exp(-E(x)) (grey, relative to its peak) under each point set")
+    _save(fig, path)
+
+
 def plot_score_field(*, data, samples, mixture, model_path: Path, path: Path) -> None:
     """The learned score field (red) over the true one (grey) at the largest, a middle and the smallest noise
     level, on the region the data and the samples cover."""

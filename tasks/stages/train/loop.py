@@ -76,21 +76,32 @@ def resume_mismatch(family: Family, cfg, shape: tuple[int, ...], state: Any) -> 
     return None
 
 
-def _scheduler(cfg, optimizer):
+def _scheduler(cfg, optimizer, schedule: str):
     import torch
 
-    if cfg.lr_schedule == "cosine":
+    if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
 
 
-def _first_nonfinite(metrics: dict[str, float], modules: dict[str, Any]) -> str | None:
-    """The name of the first non-finite metric, or of a module with a non-finite weight; None if all finite."""
+def _metric_sums(metrics: dict[str, Any]) -> dict[str, tuple[float, int]]:
+    """A step's metrics -> ``{name: (sum, count)}``: a 0-dim tensor is one value, a ``[k]`` tensor k values (one
+    per update of that kind in the step). One device sync per metric."""
+    out = {}
+    for k, v in metrics.items():
+        v = v.detach().reshape(-1)
+        out[k] = (float(v.sum()), int(v.numel()))
+    return out
+
+
+def _first_nonfinite(metrics: dict[str, tuple[float, int]], modules: dict[str, Any]) -> str | None:
+    """The name of the first non-finite metric (a non-finite value anywhere makes its sum non-finite), or of a
+    module with a non-finite weight; None if all finite."""
     import torch
 
-    for name, value in metrics.items():
+    for name, (value, count) in metrics.items():
         if not math.isfinite(value):
-            return f"{name} = {value}"
+            return f"{name} = {value}" if count == 1 else f"{name} (one of {count} updates of the step)"
     for name, module in modules.items():
         params = [p.detach() for p in module.parameters()]
         # one reduction per module: a NaN or inf anywhere makes the sum of sums non-finite
@@ -168,9 +179,10 @@ def fit(
     n = data.shape[0]
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     modules = {k: m.to(device) for k, m in family.build(cfg, shape).items()}
-    trained = {k: (wrap(m) if any(p.requires_grad for p in m.parameters()) else m) for k, m in modules.items()}
+    trainable = lambda m: family.ddp and any(p.requires_grad for p in m.parameters())  # noqa: E731
+    trained = {k: (wrap(m) if trainable(m) else m) for k, m in modules.items()}
     optimizers = family.optimizers(cfg, modules)
-    schedulers = {k: _scheduler(cfg, opt) for k, opt in optimizers.items()}
+    schedulers = {k: _scheduler(cfg, opt, family.lr_schedule(cfg, k)) for k, opt in optimizers.items()}
     extra = family.init_extra(cfg, modules)
     state = TrainState(modules=modules, trained=trained, optimizers=optimizers, extra=extra,
                        objective=family.objective(cfg, device))
@@ -202,24 +214,27 @@ def fit(
         })
 
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}  # per metric: the updates that reported it since the last log
+    count = 0  # loop steps since the last log
     window_seconds = 0.0
     final = snapshot(start)
     end = cfg.n_steps if stop_after is None else min(cfg.n_steps, stop_after)
     for step in range(start, end):
         t0 = time.perf_counter()
         gen = step_generator(cfg.seed, step, device)
-        batch = data[torch.randint(n, (cfg.batch_size,), generator=gen, device=device)]
-        ctx = StepContext(step=step, rank=rank, world=world, generator=gen, device=device)
-        metrics = {k: float(v) for k, v in family.step(state, batch, ctx, cfg).items()}  # one device sync each
+        draw = lambda gen=gen: data[torch.randint(n, (cfg.batch_size,), generator=gen, device=device)]  # noqa: E731
+        batch = draw()
+        ctx = StepContext(step=step, rank=rank, world=world, generator=gen, device=device, draw=draw)
+        metrics = _metric_sums(family.step(state, batch, ctx, cfg))
         for s in schedulers.values():
             s.step()
         bad = _first_nonfinite(metrics, modules)
         if bad is not None:
             where = f"the last good checkpoint is step {last_good}" if last_good is not None else "no checkpoint was written before it"
             raise TrainingDiverged(f"training diverged at step {step + 1}: non-finite {bad}; {where}")
-        for k, v in metrics.items():
+        for k, (v, c) in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + c
         count += 1
         dt = time.perf_counter() - t0
         train_seconds += dt
@@ -229,7 +244,7 @@ def fit(
             hooks.on_first_step(done)
         if done % cfg.log_every == 0 or done == cfg.n_steps:
             keys = sorted(sums)
-            means = dict(zip(keys, _all_reduce_mean([sums[k] / count for k in keys], world, device)))
+            means = dict(zip(keys, _all_reduce_mean([sums[k] / counts[k] for k in keys], world, device)))
             info = {
                 "epoch": done / steps_per_epoch, "seconds": train_seconds,
                 "seconds_per_epoch": window_seconds / count * steps_per_epoch,
@@ -244,7 +259,7 @@ def fit(
                                          "mmd_heldout": info["mmd_heldout"]})
             if rank == 0 and hooks.on_log is not None:
                 hooks.on_log(done, means, info)
-            sums, count, window_seconds = {}, 0, 0.0
+            sums, counts, count, window_seconds = {}, {}, 0, 0.0
         if done % cfg.checkpoint_every == 0 or done == cfg.n_steps:
             final = snapshot(done)
             last_good = done
