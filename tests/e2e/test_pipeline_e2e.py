@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -360,6 +361,50 @@ def test_digits_mmd_generator_end_to_end(repo, prefect_api):
         assert (repo / "plots/digits-mmd" / png).stat().st_size > 5_000
     client, train = _train_run(repo, "digits-mmd")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "train/mmd_heldout")] == [10, 20]
+
+
+@pytest.mark.heavy  # ~1 min; the generic tiny run below then finds it up to date
+def test_ring8_gebm_energy_model_with_its_base_beside(repo, prefect_api):
+    """A tiny ring8-gebm through the real stages: base and energy trained in turn on Ray Train (bursts of energy
+    updates, a learned log-partition), the GEBM sampled by latent Langevin and the base by itself, both evaluated
+    (keys ``mmd`` and ``mmd_base``, the kale metric), the energy drawn under both sample sets."""
+    proc = stein(repo, "run", "ring8-gebm", prefect_api=prefect_api)
+    assert proc.returncode == 0
+    assert_stage_imports_are_deps(repo, "ring8-gebm")
+    metrics = json.loads((repo / "metrics" / "ring8-gebm.json").read_text())
+    for key in ("mmd", "modes_covered", "ksd", "log_likelihood", "kale"):
+        assert key in metrics and f"{key}_base" in metrics and f"ref_{key}" in metrics, key
+    from tasks.data.io import load_checkpoint, read_dataset
+
+    ckpt = load_checkpoint(repo / "models/ring8-gebm/model.pt")
+    assert ckpt["family"] == "gebm" and ckpt["classes"] == {
+        "generator": "MLPGenerator", "energy": "MLPCritic", "log_partition": "Scalar"}
+    gebm = read_dataset(repo / "samples/ring8-gebm/samples.parquet")
+    base = read_dataset(repo / "samples/ring8-gebm/base.parquet")
+    assert gebm.metadata["source"] == "latent_langevin" and base.metadata["source"] == "generator"
+    assert gebm.x.shape == base.x.shape == (200, 2)
+    assert not np.allclose(gebm.x, base.x)  # the chain moved the latents (same seed, same z_0)
+    assert (repo / "plots/ring8-gebm/energy.png").stat().st_size > 10_000
+    client, train = _train_run(repo, "ring8-gebm")
+    assert train.data.tags["stein.family"] == "gebm"
+    # every logged KALE is an average over that window's energy updates (bursts included)
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "train/kale")] == [10, 20, 30, 40]
+    assert client.get_metric_history(train.info.run_id, "train/log_partition")
+
+
+@pytest.mark.heavy  # ~1 min; the generic tiny run below then finds it up to date
+def test_digits_mmdgan_critic_on_images(repo, prefect_api):
+    """A tiny digits-mmdgan: the DCGAN-style generator against a conv critic, FID on the pipeline's classifier."""
+    proc = stein(repo, "run", "digits-mmdgan", prefect_api=prefect_api)
+    assert proc.returncode == 0
+    metrics = json.loads((repo / "metrics" / "digits-mmdgan.json").read_text())
+    assert {"fid", "ref_fid", "kid", "precision", "recall", "mmd", "ref_mmd"} <= set(metrics)
+    from tasks.data.io import load_checkpoint
+
+    ckpt = load_checkpoint(repo / "models/digits-mmdgan/model.pt")
+    assert ckpt["family"] == "mmdgan" and ckpt["classes"] == {"generator": "ConvGenerator", "critic": "ConvCritic"}
+    client, train = _train_run(repo, "digits-mmdgan")
+    assert client.get_metric_history(train.info.run_id, "train/critic_mmd2")
 
 
 @pytest.mark.heavy  # about a minute for each pipeline no test above runs; seconds for the others (a no-op)

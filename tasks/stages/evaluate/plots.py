@@ -59,9 +59,10 @@ def plot_sample_sets(sets: dict[str, np.ndarray], *, mixture=None, path: Path, t
 
 
 def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, size: int = 150) -> None:
-    """Point sets side by side (a GEBM's samples, its base's, held-out data) over the filled contours of the
-    trained energy's density exp(-E(x)) (normalised over the plotted window): where the energy moves the base's
-    mass."""
+    """Point sets side by side (a GEBM's samples, its base's, held-out data) over the trained energy E(x): dark where
+    E is low, where the model puts more mass than its base (exp(-E) reweights the base). The shading spans the 2nd
+    to 98th percentile of E at the plotted points: off the base's support the energy is unconstrained by training,
+    and its extremes there would wash out the shades that matter."""
     import torch
 
     from tasks.families import load_model
@@ -76,15 +77,18 @@ def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, si
     gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], size), np.linspace(lo[1] - pad[1], hi[1] + pad[1], size))
     grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
     e = model.energy(grid).double().numpy().reshape(gx.shape)
-    density = np.exp(-(e - e.min()))
+    at_points = model.energy(torch.from_numpy(pts).float()).double().numpy()
+    vmin, vmax = np.percentile(at_points, [2, 98])
+    levels = np.linspace(vmin, vmax, 13)
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4.6), sharex=True, sharey=True, constrained_layout=True)
     for i, (ax, (name, p)) in enumerate(zip(np.atleast_1d(axes), sets.items())):
-        ax.contourf(gx, gy, density, levels=12, cmap="Greys", alpha=0.6)
+        shade = ax.contourf(gx, gy, np.clip(e, vmin, vmax), levels=levels, cmap="Greys_r", alpha=0.7)
         k = min(len(p), 3000)
         ax.scatter(p[:k, 0], p[:k, 1], s=3, alpha=0.4, color=f"C{i}")
         ax.set_title(f"{name}, n={len(p)}")
         ax.set_aspect("equal")
-    fig.suptitle("trained energy: exp(-E(x)) (grey, relative to its peak) under each point set")
+    fig.colorbar(shade, ax=list(np.atleast_1d(axes)), shrink=0.8, label="E(x) (clipped to the 2nd-98th percentile at the points)")
+    fig.suptitle("trained energy E(x): dark = low energy, where exp(-E) moves the base's mass")
     _save(fig, path)
 
 
