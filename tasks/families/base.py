@@ -167,6 +167,11 @@ class Model:
         """Progress ticks of one ``sample(n)`` call."""
         return 1
 
+    def diagnostics(self) -> dict[str, float]:
+        """What the sampler measured over the ``sample`` calls so far (a Metropolis chain's acceptance rate), for
+        the sample stage's metrics; empty when it measures nothing."""
+        return {}
+
 
 #: The most numbers (weights and buffers) one module may hold: 2^28, 1 GiB of float32. The shipped configs' largest
 #: network holds 196,481 (digits' score net); ``hidden: 65536`` with 2 layers asked for 1.7 * 10^10, 64 GiB.

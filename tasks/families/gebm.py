@@ -58,6 +58,10 @@ class GEBMModel(Model):
 
     def __init__(self, generator, energy, shape, sampler, device="cpu"):
         self.generator, self.energy_net, self.shape, self.s, self.device = generator, energy, tuple(shape), sampler, device
+        self._accepted = self._proposed = 0  # MALA's proposals over every sample() call
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"accept_rate": self._accepted / self._proposed} if self._proposed else {}
 
     def energy(self, x):
         import torch
@@ -90,6 +94,9 @@ class GEBMModel(Model):
             state = chain.step_fn(state, generator=generator)
             if callback is not None:
                 callback(1)
+        if s.method == "mala":  # the chain's own acceptance count (a low rate: the chains barely moved)
+            self._accepted += int(state.n_accepted.sum())
+            self._proposed += n * s.n_steps
         with torch.no_grad():
             return self.generator(state.position)
 

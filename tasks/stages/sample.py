@@ -37,9 +37,11 @@ def sample_model(cfg, *, model_path: Path, out_path: Path, device: str = "cpu") 
         bad = int((~torch.isfinite(x)).any(1).sum())
         raise FloatingPointError(f"{bad} of {len(x)} samples from {model_path} are not finite: the sampler diverged "
                                  f"(a smaller step size?); nothing written to {out_path}")
+    diagnostics = model.diagnostics()
     write_dataset(out_path, x.numpy(), shape=model.shape, metadata={
         "split": "samples", "source": cfg.sampler, "seed": cfg.seed, "model_md5": file_md5(model_path),
-        "sampler": cfg.model_dump(),
+        "sampler": cfg.model_dump(), **diagnostics,
     })
-    log.info("wrote %d samples to %s in %.1f s", len(x), out_path, seconds)
-    return {"sample_seconds": seconds, "samples_per_s": cfg.n_samples / seconds}
+    log.info("wrote %d samples to %s in %.1f s%s", len(x), out_path, seconds,
+             "".join(f", {k} {v:.3g}" for k, v in diagnostics.items()))
+    return {"sample_seconds": seconds, "samples_per_s": cfg.n_samples / seconds, **diagnostics}
