@@ -33,11 +33,41 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+def sweep_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
+    """The DVC stages of a sweep pipeline (:class:`~tasks.config.sweep.SweepConfig`): the data folder, one train
+    stage per method writing its cells' folder, the evaluate stage writing the metrics and the table."""
+    from tasks.config.sweep import SweepPaths
+
+    sp = SweepPaths(spec.paths(root))
+    rel = lambda p: _rel(p, root)  # noqa: E731
+    out: dict[str, Any] = {}
+    models = [rel(sp.models(st.section.split(".", 1)[1])) for st in spec.stages if st.name.startswith("train-")]
+    for st in spec.stages:
+        block: dict[str, Any] = {"cmd": f"python -m flows.cli stage {st.name} --pipeline {spec.name}"}
+        if st.name == "prepare":
+            deps, outs = [], {"outs": [rel(sp.data)]}
+        elif st.name.startswith("train-"):
+            deps, outs = [rel(sp.data)], {"outs": [rel(sp.models(st.section.split(".", 1)[1]))]}
+        else:
+            deps = [rel(sp.data), *models]
+            plots = spec.paths(root).plots
+            outs = {"outs": [{rel(plots / "table.md"): {"cache": False}}],
+                    "metrics": [{rel(spec.paths(root).metrics): {"cache": False}}],
+                    "plots": [{rel(plots / "table.csv"): {"x": "dim", "y": "mean"}}, rel(plots / "table.png")]}
+        block["deps"] = [*deps, *spec.stage_code(root, st.name)]
+        block["params"] = [{spec.config_file: [st.section]}]
+        out[spec.dvc_stage(st.name)] = block | outs
+    return out
+
+
 def pipeline_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
     """The DVC stages of one pipeline, from its registry entry and its validated config."""
+    from tasks.config.sweep import SweepConfig
     from tasks.stages.evaluate.inputs import HEADLINE_KEY, EvalInputs, plot_files, required_inputs
     from tasks.families import FAMILIES
 
+    if spec.config_model is SweepConfig:
+        return sweep_stages(spec, root)
     cfg = spec.load_config(root)
     family = spec.family(root)
     paths = spec.paths(root)

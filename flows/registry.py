@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from tasks.config.sections import ConfigError, load_config
 from tasks.config.paths import Paths
 from tasks.config.pipelines import GenerativeConfig, ResampleConfig
+from tasks.config.sweep import SweepConfig
 from tasks.infra.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
 
 
@@ -54,6 +55,26 @@ def generative_stages(*, classifier: bool = False, base: bool = False) -> tuple[
         *((Stage("sample-base", "flows.sample:sample_flow", "sample_base", "base"),) if base else ()),
         Stage("evaluate", "flows.evaluate:evaluate_flow", "evaluate"),
     )
+
+
+def sweep_stages(methods: tuple[str, ...]) -> tuple[Stage, ...]:
+    """prepare -> train-<method> for each method -> evaluate (a :class:`~tasks.config.sweep.SweepConfig` pipeline):
+    one train stage per method, so that a change to one method's section reruns that method's cells alone."""
+    return (
+        Stage("prepare", "flows.sweep.prepare:prepare_flow", "prepare"),
+        *(Stage(f"train-{m}", "flows.sweep.train:train_flow", f"methods.{m}") for m in methods),
+        Stage("evaluate", "flows.sweep.evaluate:evaluate_flow", "evaluate"),
+    )
+
+
+def section_of(cfg: BaseModel, dotted: str) -> Any:
+    """The config section a stage reads: ``train``, or a nested one such as ``methods.ksd`` (None: absent)."""
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 @dataclass(frozen=True)
@@ -96,7 +117,7 @@ class Pipeline:
             return _CONFIGS[key]
         cfg = load_config(path, self.config_model)
         for stage in self.stages:
-            if getattr(cfg, stage.section, None) is None:
+            if section_of(cfg, stage.section) is None:
                 raise ConfigError(path, stage.section, f"missing: the {stage.name} stage reads this section")
         if key is not None:
             _CONFIGS[key] = cfg
@@ -113,19 +134,25 @@ class Pipeline:
             configs.append(cfg := spec.load_config(root, path if spec is self else None))
             if getattr(cfg, "train", None) is not None:
                 check_batch_split(cfg.train, settings, spec.config_file)
+            for train in getattr(cfg, "methods", {}).values():
+                check_batch_split(train, settings, spec.config_file)
             spec = PIPELINES[spec.upstream] if spec.upstream else None
         return configs[0]
 
     def paths(self, root: Path) -> Paths:
         return Paths(root, self.name, self.upstream)
 
-    def family(self, root: Path) -> str:
+    def family(self, root: Path, stage: str | None = None) -> str | None:
         """The model family this pipeline trains, or samples and evaluates (its upstream's, for a resampling
-        pipeline)."""
+        pipeline); for a sweep, the family of ``stage``'s method (None for its other stages)."""
         spec: Pipeline = self
         while spec.upstream:
             spec = PIPELINES[spec.upstream]
-        return spec.load_config(root).train.family
+        cfg = spec.load_config(root)
+        if isinstance(cfg, SweepConfig):
+            section = section_of(cfg, spec.stage(stage).section) if stage else None
+            return getattr(section, "family", None)
+        return cfg.train.family
 
     def stage_code(self, root: Path, stage: str, family: str | None = None) -> list[str]:
         """The code deps of ``stage`` (``flows.code_deps``): the project files its flow, its config models, the path
@@ -134,8 +161,9 @@ class Pipeline:
         build or load the family's modules)."""
         from flows.code_deps import import_closure
 
+        family = family or self.family(root, stage)
         roots = [self.stage(stage).flow.partition(":")[0], self.config_model.__module__, Paths.__module__,
-                 f"tasks.families.{family or self.family(root)}"]
+                 *([f"tasks.families.{family}"] if family else [])]
         return import_closure(root, roots)
 
 
@@ -178,6 +206,11 @@ PIPELINES: dict[str, Pipeline] = {
                  "latent Langevin; FID of the GEBM and of its base", stages=generative_stages(classifier=True, base=True)),
         Pipeline("digits-mmdgan", "8x8 digits: MMD-GAN, the digits-agd generator against a conv critic",
                  stages=_IMAGES),
+        Pipeline("ica-small", "ICA (Student-t sources, D = 10, 20; one seed) learned by minimising KSD, maxSKSD and "
+                 "the learned Stein discrepancy; held-out log-likelihood against the true W (under 30 min on 2 cores)",
+                 SweepConfig, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
+        Pipeline("ica", "the ICA table of Stein-discrepancy learning (D = 10 ... 200, three seeds, the literature's "
+                 "15,000 steps): for a GPU or a cluster", SweepConfig, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
     )
 }
 
@@ -196,7 +229,7 @@ class StageContext:
     @property
     def section(self) -> BaseModel:
         """The config section this stage reads (what dvc.yaml lists as its params)."""
-        return getattr(self.cfg, self.stage.section)
+        return section_of(self.cfg, self.stage.section)
 
     @property
     def device(self) -> str:

@@ -1,4 +1,4 @@
-"""Kernel hypothesis tests: KSD and sliced-KSD goodness of fit, MMD two-sample.
+"""Kernel hypothesis tests: KSD, noise-smoothed KSD and sliced-KSD goodness of fit, MMD two-sample.
 
 Each test computes a kernel matrix once and evaluates all resampled statistics
 by matrix products, vectorised over the ``B`` draws and over any leading batch
@@ -21,6 +21,7 @@ and device of the input; randomness comes from ``generator``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,12 +30,18 @@ from torch import Tensor
 from ._random import randint
 from .discrepancies import (
     Kernel,
+    PerturbedScore,
     ScoreArg,
     SliceKernel,
+    SmoothedKernel,
+    _check_sigmas,
+    _check_smoothed_kernel,
     _check_statistic,
     _eval_score,
     _init_directions,
     _optimise_directions,
+    _smoothed_level,
+    _smoothing_noise,
     sliced_stein_kernel_matrix,
     stein_kernel_matrix,
 )
@@ -42,7 +49,9 @@ from .discrepancies import (
 __all__ = [
     "KernelTestResult",
     "SlicedTestResult",
+    "SmoothedTestResult",
     "wild_bootstrap",
+    "ksd_smoothed_test",
     "ksd_test",
     "sksd_test",
     "mmd_permutation_test",
@@ -209,6 +218,124 @@ def ksd_test(
     _check_finite_statistics("KSD^2", stat, null, "wild-bootstrap")
     p = _p_value(stat, null)
     return KernelTestResult(stat, p, p <= alpha, null, x.shape[-2], x.shape[-1])
+
+
+class SmoothedTestResult(NamedTuple):
+    """:class:`KernelTestResult` of :func:`ksd_smoothed_test` plus its per-level parts.
+
+    Attributes:
+        statistic: ``sum_l w_l U_l``, the weighted sum of the per-level U-statistics ``[...]``.
+        p_value, reject, null_samples, n, d: as in :class:`KernelTestResult`.
+        per_sigma: ``[..., L]`` the per-level KSD^2 U-statistics ``U_l`` (unweighted, in KSD^2 units).
+        weights: ``[..., L]`` the weights ``w_l`` (all 1 for ``weighting="sum"``).
+    """
+
+    statistic: Tensor
+    p_value: Tensor
+    reject: Tensor
+    null_samples: Tensor
+    n: int
+    d: int
+    per_sigma: Tensor
+    weights: Tensor
+
+
+_WEIGHTINGS = ("studentized", "sum")
+
+
+def ksd_smoothed_test(
+    x: Tensor,
+    perturbed_score: PerturbedScore,
+    kernel: SmoothedKernel,
+    sigmas: Sequence[float] | Tensor,
+    *,
+    weighting: str = "studentized",
+    n_noise: int = 1,
+    n_bootstrap: int = 500,
+    generator: torch.Generator | None = None,
+    alpha: float = 0.05,
+) -> SmoothedTestResult:
+    """Noise-smoothed KSD test of ``H0: x ~ p`` (i.i.d.) over a ladder of noise levels, with a wild bootstrap.
+
+    The samples are smoothed as in :func:`stein_core.discrepancies.ksd_smoothed` (Wenliang & Kanagawa,
+    arXiv:2008.10087): ``x_tilde_il = x_i + sigma_l eps_i`` with one ``eps_i ~ N(0, I)`` per point shared by
+    every level, tested against ``p * N(0, sigma_l^2 I)`` through ``perturbed_score(., sigma_l)``. Level ``l``
+    has the Stein kernel matrix ``H_l [n, n]`` (averaged over ``n_noise`` draws when ``n_noise > 1``) and the
+    U-statistic ``U_l``; the statistic is ``T = sum_l w_l U_l`` and each bootstrap draw applies the *same*
+    Rademacher multipliers ``W`` to every level, ``T* = sum_l w_l W^T H_l0 W / (n (n-1))`` (``H_l0``: zero
+    diagonal), computed as the wild bootstrap of one matrix ``sum_l w_l H_l0``.
+
+    Why this is a valid wild bootstrap: ``H = sum_l w_l H_l`` is itself a kernel on the i.i.d. pairs
+    ``z_i = (x_i, eps_i)``, and under ``H0`` every ``x_i + sigma_l eps_i`` is a draw of ``p * N(0, sigma_l^2 I)``,
+    so ``E[H(z, z') | z] = 0``: ``T`` is a degenerate U-statistic and the Rademacher wild bootstrap of
+    Chwialkowski, Strathmann & Gretton (ICML 2016; :func:`wild_bootstrap`) applies to it.
+
+    Weighting: scores of the smoothed densities shrink like ``1 / sqrt(s^2 + sigma^2)``, so the null spread of
+    ``U_l`` falls by orders of magnitude along the ladder and the plain sum (``weighting="sum"``, ``w_l = 1``)
+    is the noise of its smallest level, which is exactly the level blind to the mixing proportions.
+    ``"studentized"`` (default) divides each level by its own wild-bootstrap standard deviation,
+    ``w_l = (n (n-1)) / sqrt(2 sum_{i != j} H_l,ij^2)`` (``Var*(U_l*) = 2 sum_{i != j} H_l,ij^2 / (n (n-1))^2``),
+    so every level weighs alike under ``H0``; the weights are functions of the data whose ratios to their
+    limits tend to 1, as for a median-heuristic bandwidth. (Measured, 0.8/0.2 mixture at +-(5, 5) against the
+    0.5/0.5 model, ladder (0.5, 1, 2) x 4.12, n = 500, 10 seeds: 10 of 10 rejections studentized, 1 of 10
+    with the plain sum and the widened IMQ kernels.)
+
+    Memory: one ``[..., n, n]`` accumulator plus one level's ``n_noise`` Stein kernel matrices at a time,
+    ``O(n_noise n^2)`` whatever ``L``; the randomness (the noise, then the multipliers) comes from ``generator``, so the
+    same seed gives the same result.
+
+    Args:
+        x: ``[..., n, d]`` samples (leading dims: independent tests).
+        perturbed_score, kernel, sigmas, n_noise: as in :func:`stein_core.discrepancies.ksd_smoothed`.
+        weighting: ``"studentized"`` or ``"sum"``.
+        n_bootstrap, generator, alpha: as in :func:`ksd_test`.
+
+    Returns:
+        :class:`SmoothedTestResult`.
+
+    Raises:
+        ValueError: as :func:`ksd_test` (a non-finite row of ``x`` or of a perturbed score, a non-finite
+            statistic), and for a level whose Stein kernel matrix is zero off the diagonal under
+            ``"studentized"`` (no spread to divide by).
+    """
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    _check_rows("x", x)
+    sig = _check_sigmas(sigmas)
+    kernel = _check_smoothed_kernel(kernel, len(sig))
+    n = x.shape[-2]
+    if n < 2:
+        raise ValueError("a U-statistic needs at least 2 samples")
+    norm = n * (n - 1)
+    per, weights = [], []
+    total = None
+    with torch.no_grad():
+        eps = _smoothing_noise(x, n_noise, generator)  # [M, ..., n, d]
+        for level, s in enumerate(sig):
+            xt, score, k = _smoothed_level(x, eps, s, perturbed_score, kernel, level)
+            _check_rows(f"the perturbed score at sigma={s:g}", score)
+            h = stein_kernel_matrix(xt, score, k).mean(0)  # [..., n, n]
+            h = h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1))  # H_l0
+            u = h.sum(dim=(-2, -1)) / norm  # [...]
+            if weighting == "sum":
+                w = torch.ones_like(u)
+            else:
+                spread = torch.sqrt(2.0 * (h * h).sum(dim=(-2, -1)))  # [...] = n (n-1) sd*(U_l*)
+                if bool((spread == 0).any()):
+                    raise ValueError(f"the Stein kernel matrix at sigma={s:g} is zero off the diagonal: "
+                                     "no spread to studentize by (every point the same?)")
+                w = norm / spread
+            per.append(u)
+            weights.append(w)
+            h.mul_(w[..., None, None])
+            total = h if total is None else total.add_(h)
+            del h
+        stat, null = _bootstrap(total, n_bootstrap, generator)
+    _check_finite_statistics("smoothed KSD^2", stat, null, "wild-bootstrap")
+    p = _p_value(stat, null)
+    return SmoothedTestResult(
+        stat, p, p <= alpha, null, n, x.shape[-1], torch.stack(per, dim=-1), torch.stack(weights, dim=-1)
+    )
 
 
 def sksd_test(

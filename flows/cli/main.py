@@ -294,30 +294,72 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
         raise
 
 
+class _Numbers(click.ParamType):
+    """A comma-separated list of numbers within bounds (``--sigmas 5,10``, ``--weights 0.5,0.5``)."""
+
+    name = "numbers"
+
+    def __init__(self, low: float, high: float, *, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 5,10)", param, ctx)
+        bound = f"{'>' if self.low_open else '>='} {self.low:g} and <= {self.high:g}"
+        for v in out:
+            if not (v > self.low if self.low_open else v >= self.low) or not v <= self.high:  # NaN fails both
+                self.fail(f"{v:g} in {value!r}: every value must be {bound}", param, ctx)
+        return out
+
+
 @main.command()
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Parquet file with a column x of fixed-size float lists.")
-@click.option("--target", type=click.Choice(["std_normal", "std_laplace"]), default="std_normal", show_default=True, help="The model tested, in the data's dimension.")
-@click.option("--test", "test_name", type=click.Choice(["ksd", "sksd"]), default="ksd", show_default=True, help="KSD (wild bootstrap) or maxSKSD (directions fitted on half the data).")
-@click.option("--kernel", type=click.Choice(["imq", "rbf"]), default="imq", show_default=True, help="IMQ (c=1, beta=-1/2) or RBF with the median-heuristic bandwidth.")
+@click.option("--target", default="std_normal", show_default=True, metavar="NAME",
+              help="The model tested: std_normal or std_laplace (in the data's dimension), or a pipeline whose "
+                   "prepare section draws a Gaussian mixture (gmm2d: weights 0.8/0.2 at ±(5, 5); ring8-agd, ...): "
+                   "that mixture.")
+@click.option("--weights", type=_Numbers(0.0, 1.0, low_open=True), default=None, metavar="W1,W2,...",
+              help="Replace the mixture target's weights (one per component, summing to 1), e.g. --target gmm2d "
+                   "--weights 0.5,0.5.")
+@click.option("--test", "test_name", type=click.Choice(["ksd", "sksd", "ksd_smoothed"]), default="ksd", show_default=True,
+              help="KSD (wild bootstrap), maxSKSD (directions fitted on half the data), or the noise-smoothed KSD "
+                   "over the noise levels of --sigmas (data and target convolved with the same N(0, σ² I); sees "
+                   "the mixing proportions of far-apart modes that KSD is blind to).")
+@click.option("--sigmas", type=_Numbers(0.0, 1e6), default=None, metavar="S1,S2,...",
+              help="Noise levels of --test ksd_smoothed (required there), e.g. 5,10 for modes 14 apart; 0 is the plain KSD.")
+@click.option("--kernel", type=click.Choice(["imq", "rbf"]), default="imq", show_default=True,
+              help="IMQ (c=1, beta=-1/2) or RBF with the median-heuristic bandwidth; with ksd_smoothed, c or the "
+                   "bandwidth widened to sqrt(l^2 + σ^2) at each level.")
 @click.option("--n-bootstrap", type=N_BOOTSTRAP, default=500, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--max-samples", type=click.IntRange(4, 10_000_000), default=None, help="Test a random subset of this size (the test is O(n^2)).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def gof(data, target, test_name, kernel, n_bootstrap, alpha, seed, max_samples, as_json) -> None:
+def gof(data, target, weights, test_name, sigmas, kernel, n_bootstrap, alpha, seed, max_samples, as_json) -> None:
     """Goodness-of-fit test of the samples in DATA against a named target density.
 
-    H0: the rows are i.i.d. draws from the target. Prints the statistic (KSD^2 U-statistic, or maxSKSD) and its
-    p-value, which counts the observed statistic among the bootstrap draws and so is never 0.
+    H0: the rows are i.i.d. draws from the target. Prints the statistic (KSD^2 U-statistic, maxSKSD, or for
+    ksd_smoothed the sum over the noise levels of each level's KSD^2 in units of its bootstrap standard
+    deviation) and its p-value, which counts the observed statistic among the bootstrap draws and so is never 0.
+
+    \b
+    Example (mixing-proportion blindness): samples with the right modes but weights 0.5/0.5
+      stein gof --data S.parquet --target gmm2d --test ksd                    # blind: no rejection
+      stein gof --data S.parquet --target gmm2d --test ksd_smoothed --sigmas 7,14   # rejects
     """
     import json
 
-    _setup()
+    root = _setup()
     from tasks.tools.gof import goodness_of_fit
 
     try:
         out = goodness_of_fit(data, target=target, test=test_name, kernel=kernel, n_bootstrap=n_bootstrap,
-                              alpha=alpha, seed=seed, max_samples=max_samples)
+                              alpha=alpha, seed=seed, max_samples=max_samples, weights=weights, sigmas=sigmas,
+                              root=root)
     except ConfigError as exc:
         _fail(exc)
     if as_json:
@@ -325,8 +367,12 @@ def gof(data, target, test_name, kernel, n_bootstrap, alpha, seed, max_samples, 
         return
     verdict = "reject" if out["reject"] else "do not reject"
     of = f" of {out['n_used']} rows, the other half chose the slices" if out["n"] != out["n_used"] else ""
-    click.echo(f"{out['test'].upper()} goodness-of-fit test of {data} (n={out['n']}{of}, d={out['d']}) against {target}, {kernel} kernel")
+    weighted = f" (weights {'/'.join(f'{w:g}' for w in out['weights'])})" if "weights" in out else ""
+    click.echo(f"{out['test'].upper()} goodness-of-fit test of {data} (n={out['n']}{of}, d={out['d']}) against "
+               f"{target}{weighted}, {kernel} kernel")
     click.echo(f"  statistic {out['statistic']:.6g}   p-value {out['p_value']:.4f}   ({verdict} H0 at alpha={alpha})")
+    if "sigmas" in out:
+        click.echo("  KSD^2 per noise level: " + ", ".join(f"σ={s:g}: {v:.4g}" for s, v in zip(out["sigmas"], out["ksd_per_sigma"])))
 
 
 @main.group("eval")

@@ -65,9 +65,8 @@ class GenerativeConfig(_Section):
     def _check_family(self) -> GenerativeConfig:
         family = FAMILIES[self.train.family]
         for key, section in _sample_sections(self).items():
-            if section.sampler not in family.samplers:
-                raise KeyedError(f"{key}.sampler", f"a {family.name} model cannot be sampled with {section.sampler!r} "
-                                 f"(options: {', '.join(sorted(family.samplers))})")
+            if (why := family.sampler_refusal(section.sampler)) is not None:
+                raise KeyedError(f"{key}.sampler", why)
         ev = self.evaluate
         if "energy" in ev.plots and not family.has_energy:
             raise KeyedError("evaluate.plots", f"energy draws the model's energy; a {family.name} model has none")
@@ -83,7 +82,7 @@ class GenerativeConfig(_Section):
                 and self.classifier is None:
             raise KeyedError("evaluate.features", "classifier features need a classifier section (the pipeline "
                              "trains the feature classifier): add one, or use raw or inception features")
-        _check_checkpoint_sampler(self, family.samplers)
+        _check_checkpoint_sampler(self, family.sampler_options())
         return self
 
     @classmethod

@@ -245,9 +245,28 @@ class LatentLangevinSample(_SampleBase):
         return self
 
 
+class SVGDSample(_SampleBase):
+    """Stein variational gradient descent (Liu & Wang, NeurIPS 2016) on the model's score, for every family whose
+    model has one (``Family.has_score``): ``batch_size`` particles from x_0 ~ N(0, init_scale² I) move together by
+    x ← x + ε φ(x), φ(x_i) = (1/n) Σ_j [k(x_j, x_i) s(x_j) + ∇_{x_j} k(x_j, x_i)], an RBF kernel with Liu & Wang's
+    bandwidth h = med²/log n recomputed every step (``stein_core.samplers.svgd``). Each batch is an independent run
+    (the last one holds what is left of ``n_samples``); it costs O(batch_size²) time and memory per step."""
+
+    sampler: Literal["svgd"]
+    batch_size: int = Field(500, ge=2, le=10_000, description="particles of one SVGD run (runs are independent)")
+    n_steps: int = Field(1000, ge=1, le=10_000_000)
+    step_size: float = Field(0.5, gt=0, le=100, description="ε of x ← x + ε φ(x) (adaptive: about each "
+                             "coordinate's move per step)")
+    adaptive: bool = Field(False, description="AdaGrad with momentum on φ (the authors' code: running mean of φ² "
+                           "with factor 0.9, fudge 1e-6) instead of plain steps")
+    init: Literal["normal"] = Field("normal", description="the initial particles: normal, x_0 ~ N(0, init_scale² I)")
+    init_scale: float = Field(1.0, gt=0, le=1e6, description="standard deviation of the initial particles")
+
+
 #: A sample section, chosen by its ``sampler`` key.
 SampleSection = Annotated[
-    AnnealedLangevinSample | LangevinSample | GeneratorSample | LatentLangevinSample, Field(discriminator="sampler")
+    AnnealedLangevinSample | LangevinSample | GeneratorSample | LatentLangevinSample | SVGDSample,
+    Field(discriminator="sampler"),
 ]
 
 
@@ -276,6 +295,7 @@ METRIC_NAMES = (
     "precision_recall",  # improved precision and recall (Kynkäänniemi et al. 2019) of features
     "mode_coverage",     # modes holding at least a quarter of their expected share of the samples (toys)
     "kale",              # KALE(held-out ‖ samples): an energy fitted on one half, the KL lower bound on the other
+    "ksd_smoothed",      # KSD of noised samples against the noised true mixture over a σ ladder (toys; Wenliang & Kanagawa)
 )
 Metric = Literal[METRIC_NAMES]
 Plot = Literal["samples", "score_field", "nearest", "energy"]
@@ -331,6 +351,14 @@ class Evaluate(_Section):
     kid_subsets: int = Field(50, ge=1, le=100_000)
     pr_k: int = Field(3, ge=1, le=10_000, description="k of the k-NN radii of improved precision/recall")
     grid: int = Field(10, ge=1, le=32, description="image sample grids are grid x grid")
+    ksd_smoothed_sigmas: list[Annotated[float, Field(ge=0, le=1e6)]] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0], min_length=1, max_length=32,
+        description="noise levels σ of ksd_smoothed, in units of ksd_smoothed_scale (0: plain KSD)",
+    )
+    ksd_smoothed_scale: Annotated[float, Field(gt=0, le=1e6)] | Literal["target"] = Field(
+        "target", description="unit of ksd_smoothed_sigmas: a number, or target, the true distribution's standard "
+        "deviation per coordinate, sqrt(tr Cov / d) (4.12 for gmm2d's mixture)",
+    )
     checkpoints: CheckpointEvaluate | None = Field(None, description="also evaluate every training checkpoint")
 
     @model_validator(mode="after")
@@ -338,6 +366,8 @@ class Evaluate(_Section):
         _unique(self.metrics, "metric")
         _unique(self.plots, "plot")
         _unique(self.sample_sets, "sample set")
+        if len(set(self.ksd_smoothed_sigmas)) != len(self.ksd_smoothed_sigmas):
+            raise KeyedError("evaluate.ksd_smoothed_sigmas", f"a noise level is listed twice: {self.ksd_smoothed_sigmas}")
         for name in self.sample_sets:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"sample set {name!r} is not a file name under samples/<pipeline>/")
@@ -362,8 +392,8 @@ def short_repr(value: Any) -> str:
 #: The tags of the discriminated sections (``prepare.source``, ``sample*.sampler``, ``net.kind``): pydantic puts
 #: the chosen tag into an error's location (``train.agd.lr``), which is not a key of the file.
 UNION_TAGS: set[str] = {"mixture", "ring", "digits", "mnist", "cifar10", "annealed_langevin", "langevin", "generator",
-                        "latent_langevin",
-                        "mlp", "conv"}
+                        "latent_langevin", "svgd",
+                        "mlp", "conv", "ica", "energy_mlp"}
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str | None:
@@ -468,6 +498,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def describe_error(exc: ValidationError) -> tuple[str | None, str]:
+    """The dotted key and the message of a validation error's first problem (and how many more there are)."""
+    err = exc.errors()[0]
+    key = _format_loc(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, KeyedError):
+        key, msg = cause.key, str(cause)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (not a parameter of this stage; check the spelling)"
+    elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        ctx = err.get("ctx", {})
+        tag, expected = ctx.get("discriminator", "").strip("'"), ctx.get("expected_tags", "")
+        key = f"{key}.{tag}" if key else tag
+        got = f", got {short_repr(ctx['tag'])}" if "tag" in ctx else " (missing)"
+        msg = f"must be one of {expected}{got}"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {short_repr(err['input'])})"
+    more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""
+    return key, msg + more
+
+
 def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
     """Read ``path`` and validate it into ``model``; the first error names the file and the dotted key."""
     data = load_yaml(path)
@@ -476,21 +528,5 @@ def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
     except KeyedError as exc:  # a check before pydantic's (a generative config's family)
         raise ConfigError(path, exc.key, str(exc)) from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = _format_loc(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        cause = err.get("ctx", {}).get("error")
-        if isinstance(cause, KeyedError):
-            key, msg = cause.key, str(cause)
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not a parameter of this stage; check the spelling)"
-        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
-            ctx = err.get("ctx", {})
-            tag, expected = ctx.get("discriminator", "").strip("'"), ctx.get("expected_tags", "")
-            key = f"{key}.{tag}" if key else tag
-            got = f", got {short_repr(ctx['tag'])}" if "tag" in ctx else " (missing)"
-            msg = f"must be one of {expected}{got}"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {short_repr(err['input'])})"
-        more = f" [and {len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""
-        raise ConfigError(path, key, msg + more) from None
+        key, msg = describe_error(exc)
+        raise ConfigError(path, key, msg) from None

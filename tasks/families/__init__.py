@@ -22,7 +22,7 @@ from tasks.config.sections import ConfigError
 from tasks.families.base import Family, Model, StepContext, TrainState
 
 #: Modules of this folder that are not families: what the families share.
-SHARED = frozenset({"base"})
+SHARED = frozenset({"base", "loading"})
 
 
 def _family_names() -> tuple[str, ...]:
@@ -67,8 +67,8 @@ class _Families(Mapping[str, Family]):
 #: Every family by its ``family:`` name (lazy: ``FAMILIES[name]`` imports that family's module alone).
 FAMILIES: Mapping[str, Family] = _Families()
 
-__all__ = ["FAMILIES", "Family", "Model", "StepContext", "TrainState", "get_family", "load_model",
-           "model_checkpoint", "model_payload", "module_checkpoint"]
+__all__ = ["FAMILIES", "Family", "Model", "StepContext", "TrainState", "get_family", "model_checkpoint",
+           "model_payload", "module_checkpoint"]
 
 
 def get_family(name: str, where: str | Path = "checkpoint") -> Family:
@@ -100,23 +100,3 @@ def model_payload(family: Family, cfg, state: Mapping[str, Any]) -> dict[str, An
     weights = exported.pop("weights")
     return model_checkpoint(family.name, weights, state["classes"], state["model_args"], shape=state["shape"],
                             step=state["step"], train_config=cfg.model_dump(), **exported)
-
-
-def load_model(path: str | Path, *, device: str = "cpu", sampler=None) -> Model:
-    """The model in a checkpoint written by the train stage, ready to sample (with the sample section
-    ``sampler``, or the family's default) and, where its family has one, to score."""
-    from tasks.data.io import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if "family" not in ckpt or "modules" not in ckpt:
-        raise ConfigError(path, "family", "not a model checkpoint of this project (no family/modules): rerun the train stage")
-    family = get_family(ckpt["family"], path)
-    if sampler is not None and sampler.sampler not in family.samplers:
-        raise ConfigError(path, "sampler", f"a {family.name} model cannot be sampled with {sampler.sampler!r} "
-                          f"(options: {', '.join(sorted(family.samplers))})")
-    try:
-        return family.load(ckpt, device=device, sampler=sampler)
-    except ConfigError as exc:  # a check of the checkpoint's contents: it names the key, here the file too
-        if exc.path != "checkpoint":
-            raise
-        raise ConfigError(path, exc.key, exc.message) from None

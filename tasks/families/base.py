@@ -250,6 +250,11 @@ def build_from_checkpoint(ckpt, name: str, allowed: tuple[str | type, ...]):
     return net
 
 
+#: The samplers that need only a model's score: every family with ``has_score`` can be drawn with them, besides its
+#: own :attr:`Family.samplers` (:func:`tasks.families.loading.load_model` wraps its model, :mod:`tasks.families._svgd`).
+SCORE_SAMPLERS = frozenset({"svgd"})
+
+
 class Family:
     """Base of the model families; subclasses set the class attributes and implement build/step/load."""
 
@@ -268,6 +273,21 @@ class Family:
     #: whether the loop wraps the modules in DDP; False: the family's step reduces its gradients itself
     #: (``StepContext.average_gradients``/``backward_coupled``), as double backward needs
     ddp: ClassVar[bool] = True
+
+    def sampler_options(self) -> frozenset[str]:
+        """Every ``sampler:`` this family's models can be drawn with: its own :attr:`samplers`, and
+        :data:`SCORE_SAMPLERS` where its models have a score."""
+        return self.samplers | SCORE_SAMPLERS if self.has_score else self.samplers
+
+    def sampler_refusal(self, sampler: str) -> str | None:
+        """Why a sample section with ``sampler: <sampler>`` cannot draw from this family's models (None: it can)."""
+        options = self.sampler_options()
+        if sampler in options:
+            return None
+        why = f" ({sampler} runs on the model's score, and a {self.name} model has none)" \
+            if sampler in SCORE_SAMPLERS else ""
+        return (f"a {self.name} model cannot be sampled with {sampler!r}{why} "
+                f"(options: {', '.join(sorted(options)) or 'none'})")
 
     def build(self, cfg: TrainBase, shape: tuple[int, ...]) -> dict[str, Any]:
         """The named modules for examples of ``shape``; each has ``model_args`` (its constructor arguments)."""

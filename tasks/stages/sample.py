@@ -9,13 +9,14 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.families import load_model
+from tasks.families.loading import load_model
 from tasks.data.io import file_md5, write_dataset
 from tasks.families.base import draw_in_batches
 
 log = logging.getLogger("stein")
 
-_UNITS = {"annealed_langevin": "level", "langevin": "step", "generator": "batch", "latent_langevin": "step"}
+_UNITS = {"annealed_langevin": "level", "langevin": "step", "generator": "batch", "latent_langevin": "step",
+          "svgd": "step"}
 
 
 @task(name="sample", cache_policy=NO_CACHE)

@@ -309,7 +309,7 @@ def model_card(model_file: Path) -> dict[str, Any]:
     return {
         "family": ckpt.get("family"), "classes": ckpt.get("classes"), "model_args": ckpt.get("model_args"),
         "shape": ckpt.get("shape"), "step": ckpt.get("step"), "file": MODEL_FILE, "md5": file_md5(model_file),
-        "load": "tasks.families.load_model(path_to_model.pt); or torch.load(path, weights_only=True): "
+        "load": "tasks.families.loading.load_model(path_to_model.pt); or torch.load(path, weights_only=True): "
                 "modules[name] is the state_dict of classes[name](**model_args[name])",
     }
 
@@ -361,7 +361,7 @@ def load_registered_model(name: str, version: str | int = "latest", *, root: Pat
 
     from mlflow.artifacts import download_artifacts
 
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
 
     client = setup_mlflow(root).MlflowClient()
     if str(version) == "latest":

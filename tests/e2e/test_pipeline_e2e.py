@@ -207,7 +207,7 @@ def test_pipeline_end_to_end(repo, prefect_api):
     assert parent.data.tags["stein.model"] == "gmm2d/1" and train_run.data.tags["stein.model"] == "gmm2d/1"
     import torch
 
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
     from tasks.tracking.log import load_registered_model
 
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))

@@ -280,7 +280,7 @@ def test_a_checkpoint_is_checked_before_any_module_is_built(repo, tmp_path, name
     import shutil
 
     from tasks.config.sections import ConfigError
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
 
     path = tmp_path / "model.pt"
     shutil.copy(repo / "models/gmm2d/model.pt", path)

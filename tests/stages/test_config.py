@@ -29,7 +29,12 @@ def test_every_shipped_config_builds(name):
     # the YAML sets every key explicitly (no silent defaults), and nothing unknown
     raw = yaml.safe_load((REPO / spec.config_file).read_text())
     for section, values in raw.items():
-        assert set(values) == set(type(getattr(cfg, section)).model_fields), section
+        model = getattr(cfg, section)
+        if isinstance(model, dict):  # a sweep's methods: each a family's train section, its seed the cell's
+            for method, keys in values.items():
+                assert set(keys) == set(type(model[method]).model_fields) - {"seed"}, f"{section}.{method}"
+        else:
+            assert set(values) == set(type(model).model_fields), section
 
 
 @pytest.mark.parametrize("family", ["ncsn", "agd", "mmd"])
@@ -258,8 +263,9 @@ def test_every_shipped_number_refuses_a_value_below_its_bound(name, tmp_path):
     assert leaves
     for key in leaves:
         value = functools.reduce(lambda n, p: n[int(p)] if isinstance(n, list) else n[p], key.split("."), raw)
-        # 0 is a value for a seed, for heldout_every ("no held-out curve") and burst_every ("no bursts")
-        zero_ok = key.endswith(("seed", "heldout_every", "burst_every"))
+        # 0 is a value for a seed, for heldout_every ("no held-out curve"), burst_every ("no bursts") and
+        # exact_trace_max_dim ("Hutchinson's estimate in every dimension")
+        zero_ok = key.endswith(("seed", "heldout_every", "burst_every", "exact_trace_max_dim"))
         for bad in ([-1e12] if isinstance(value, float) else [-10**12]) + ([0] if isinstance(value, int) and value > 0 and not zero_ok else []):
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(_set(raw, key, bad)))
@@ -278,12 +284,16 @@ def test_every_pipeline_has_a_tiny_config_that_builds(name, tiny_config, tmp_pat
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(small))
     cfg = load_config(path, PIPELINES[name].config_model)
-    if getattr(cfg, "train", None) is not None:
-        assert cfg.train.n_steps <= 40 and cfg.train.checkpoint_every <= cfg.train.n_steps
-    assert cfg.evaluate.n_eval <= 100
+    for train in [cfg.train] if getattr(cfg, "train", None) is not None else list(getattr(cfg, "methods", {}).values()):
+        assert train.n_steps <= 40 and train.checkpoint_every <= train.n_steps
+    if getattr(cfg, "methods", None):  # a sweep: two dimensions, one seed
+        assert len(cfg.prepare.dims) <= 2 and len(cfg.prepare.seeds) == 1
+    else:
+        assert cfg.evaluate.n_eval <= 100
 
 
-@pytest.mark.parametrize("name", sorted(p for p in PIPELINES if PIPELINES[p].upstream is None))
+@pytest.mark.parametrize("name", sorted(p for p, spec in PIPELINES.items()
+                                         if spec.upstream is None and spec.config_model is GenerativeConfig))
 def test_a_config_is_validated_by_its_familys_model_and_pickles(name):
     """``GenerativeConfig.model_validate`` picks the model of the config's family (no union of every family: a
     stage imports its own family only); the result pickles (into Ray workers) and its train section dumps whole."""
@@ -300,7 +310,7 @@ def test_a_config_is_validated_by_its_familys_model_and_pickles(name):
     assert cfg.model_dump()["train"] == cfg.train.model_dump() and "net" in cfg.model_dump()["train"]
     bad = yaml.safe_load((REPO / "conf" / f"{name}.yaml").read_text())
     bad["train"]["family"] = "nope"
-    with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', 'gebm', 'mmdgan', got 'nope'"):
+    with pytest.raises(ValueError, match="must be one of 'ncsn', 'agd', 'mmd', 'gebm', 'ksd', 'lsd', 'maxsksd', 'mmdgan', got 'nope'"):
         GenerativeConfig.model_validate(bad)
 
 

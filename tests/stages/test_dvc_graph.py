@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from flows.registry import PIPELINES
+from tasks.config.sweep import SweepConfig, SweepPaths
 from tasks.stages.evaluate.inputs import EvalInputs, plot_files, required_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,12 @@ def stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+#: The pipelines of the generative shape (prepare -> train -> sample -> evaluate, or a resampling of one).
+GENERATIVE = sorted(p for p, spec in PIPELINES.items() if spec.config_model is not SweepConfig)
+SWEEPS = sorted(p for p, spec in PIPELINES.items() if spec.config_model is SweepConfig)
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
 def test_evaluate_stage_lists_what_its_config_reads_and_writes(stages, name):
     spec = PIPELINES[name]
     cfg = spec.load_config(REPO).evaluate
@@ -59,7 +65,7 @@ def test_evaluate_stage_lists_what_its_config_reads_and_writes(stages, name):
     assert _names(stage["metrics"]) == {str(paths.metrics)}
 
 
-@pytest.mark.parametrize("name", sorted(p for p in PIPELINES if PIPELINES[p].upstream is None))
+@pytest.mark.parametrize("name", sorted(p for p in GENERATIVE if PIPELINES[p].upstream is None))
 def test_train_stage_versions_every_checkpoint(stages, name):
     spec = PIPELINES[name]
     paths = spec.paths(Path("."))
@@ -67,3 +73,26 @@ def test_train_stage_versions_every_checkpoint(stages, name):
     assert {str(paths.model), str(paths.checkpoints)} <= set(train["outs"])
     family = f"tasks/families/{spec.family(REPO)}.py"
     assert str(paths.train) in train["deps"] and {family, "tasks/stages/train/loop.py"} <= set(train["deps"])
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_a_sweep_has_one_train_stage_per_method_that_depends_on_its_own_family_alone(stages, name):
+    """A change to one method's section or family module reruns that method's cells alone: each train stage reads
+    its method's section and imports its own family, not the others'; the evaluate stage reads every method's
+    models and writes the metrics and the table."""
+    spec = PIPELINES[name]
+    cfg = spec.load_config(REPO)
+    sp = SweepPaths(spec.paths(Path(".")))
+    families = {m: f"tasks/families/{t.family}.py" for m, t in cfg.methods.items()}
+    assert stages[spec.dvc_stage("prepare")]["outs"] == [str(sp.data)]
+    assert not any(f in stages[spec.dvc_stage("prepare")]["deps"] for f in families.values())
+    for method, family in families.items():
+        stage = stages[spec.dvc_stage(f"train-{method}")]
+        assert stage["params"] == [{spec.config_file: [f"methods.{method}"]}]
+        assert stage["outs"] == [str(sp.models(method))]
+        assert {str(sp.data), family, "tasks/stages/train/loop.py"} <= set(stage["deps"])
+        assert not {f for m, f in families.items() if m != method} & set(stage["deps"]), method
+    evaluate = stages[spec.dvc_stage("evaluate")]
+    assert {str(sp.data), *(str(sp.models(m)) for m in cfg.methods)} <= set(evaluate["deps"])
+    assert _names(evaluate["metrics"]) == {str(spec.paths(Path(".")).metrics)}
+    assert {str(sp.table), str(sp.table.with_suffix(".png"))} <= _names(evaluate["plots"])

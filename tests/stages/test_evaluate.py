@@ -247,3 +247,56 @@ def test_mode_coverage_counts_modes_holding_a_quarter_of_their_share():
     assert covered([160, 160, 160, 160, 160, 150, 30, 20]) == 6  # 30 and 20 < 31.25
     x = ring.sample(1000, generator=gen)[0].double()
     assert _mode_coverage(data, SampleSet("s", x, x))["modes_covered"] == 8
+
+
+def test_ksd_smoothed_separates_the_mixing_proportions_that_ksd_is_blind_to(toy):
+    """Samples with the right modes and the wrong weights (0.5/0.5 instead of 0.8/0.2): the plain KSD against the
+    true score cannot tell them from exact samples (the scores differ only between the modes, 7 standard deviations
+    from both), the noise-smoothed KSD over the default ladder (0.5, 1, 2) x 4.12 can."""
+    d, inputs = toy
+    cfg = Evaluate(metrics=["ksd_target", "ksd_smoothed"], plots=[], n_eval=1000, n_bootstrap=100)
+    out = {name: _run(cfg, {"samples": d / f"{name}.parquet"}, inputs, d / name)[0] for name in ("good", "blind")}
+    good, blind = out["good"], out["blind"]
+    keys = {"ksd_smoothed", "ksd_smoothed_p_value"}
+    assert keys | {f"ref_{k}" for k in keys} | {"ksd_smoothed_scale"} <= set(good) == set(blind)
+    assert good["ksd_smoothed_scale"] == pytest.approx(17**0.5)  # sqrt(0.8 + 0.2 + (50 - 18) / 2)
+    # plain KSD: blind (the blind set's p-value is distributed as exact samples' are, uniform; 0.54 and 0.95 measured)
+    assert blind["ksd_p_value"] > 0.05 and good["ksd_p_value"] > 0.05
+    # smoothed: the blind set lies beyond all 100 bootstrap draws, exact samples and the reference do not
+    assert blind["ksd_smoothed_p_value"] == pytest.approx(1 / 101)
+    assert good["ksd_smoothed_p_value"] > 0.05 and good["ref_ksd_smoothed_p_value"] > 0.05
+    # the statistic sums 3 levels, each in units of its own bootstrap sd: under H0 its sd is at most 3 (1.7 and
+    # -0.07 measured for exact samples and the reference), for the blind set 69.6
+    assert blind["ksd_smoothed"] > 30 > 10 > max(abs(good["ksd_smoothed"]), abs(good["ref_ksd_smoothed"]))
+
+
+def test_ksd_smoothed_needs_a_known_distribution(tmp_path):
+    write_dataset(tmp_path / "test.parquet", np.zeros((50, 2), np.float32))  # no mixture in the metadata
+    with pytest.raises(ConfigError, match="key 'evaluate.metrics': ksd_smoothed needs the true distribution's noise"):
+        _run(Evaluate(metrics=["mmd", "ksd_smoothed"]), {"samples": tmp_path / "test.parquet"},
+             EvalInputs(test=tmp_path / "test.parquet"), tmp_path / "out", config_path="conf/x.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "fragment"),
+    [
+        ({"ksd_smoothed_sigmas": [1.0, 1.0]}, "evaluate.ksd_smoothed_sigmas", "a noise level is listed twice"),
+        ({"ksd_smoothed_sigmas": [1.0, -0.5]}, "evaluate.ksd_smoothed_sigmas.1", "greater than or equal to 0"),
+        ({"ksd_smoothed_sigmas": []}, "evaluate.ksd_smoothed_sigmas", "at least 1 item"),
+        ({"ksd_smoothed_scale": 0.0}, "evaluate.ksd_smoothed_scale", "greater than 0"),
+    ],
+)
+def test_ksd_smoothed_ladder_is_validated_naming_the_key(tmp_path, value, key, fragment):
+    import yaml
+
+    from flows.registry import PIPELINES
+    from tasks.config.sections import load_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "gmm2d.yaml").read_text())
+    raw["evaluate"].update(metrics=["ksd_smoothed"], **value)
+    path = tmp_path / "gmm2d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, PIPELINES["gmm2d"].config_model)
+    assert info.value.key.startswith(key) and fragment in str(info.value), str(info.value)

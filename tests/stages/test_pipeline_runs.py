@@ -94,7 +94,7 @@ def test_many_params_and_a_named_run(store):
 def test_registered_model_loads_back_and_links_the_pipeline_runs(store, mlp_checkpoint):
     import torch
 
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
     from tasks.data.io import file_md5
     from tasks.tracking.log import (
         create_pipeline_run, fill_pipeline_run, load_registered_model, model_version_of, register_model,

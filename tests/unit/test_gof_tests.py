@@ -12,9 +12,17 @@ import pytest
 import torch
 
 from stein_core import IMQ, RBF, ksd, mmd, stein_kernel_matrix
-from stein_core.discrepancies import median_rbf
+from stein_core.discrepancies import get_ksd_smoothed_fn, ksd_smoothed, median_rbf, smoothed_kernels
+from stein_core.distributions import GaussianMixture
 from stein_core.kernels import imq_mixture, median_heuristic
-from stein_core.tests_stat import KernelTestResult, ksd_test, mmd_permutation_test, sksd_test, wild_bootstrap
+from stein_core.tests_stat import (
+    KernelTestResult,
+    ksd_smoothed_test,
+    ksd_test,
+    mmd_permutation_test,
+    sksd_test,
+    wild_bootstrap,
+)
 
 
 def rademacher_draws(shape, seed):
@@ -360,3 +368,144 @@ def test_tests_and_statistics_stay_on_cuda():
         for t in outs:
             assert t.device.type == "cuda", t
             assert t.dtype in (torch.float32, torch.bool), t.dtype
+
+
+# ---------------------------------------------------------------------------
+# Noise-smoothed KSD (Wenliang & Kanagawa, arXiv:2008.10087): blind plain KSD, seeing smoothed KSD
+# ---------------------------------------------------------------------------
+# The gmm2d pipeline's data (conf/gmm2d.yaml prepare: source mixture, weights 0.8/0.2, means +-(5, 5), std 1;
+# tasks/stages/prepare.py mixture_spec) and the blind model: the same components, weights 0.5/0.5.
+GMM_MEANS = [[-5.0, -5.0], [5.0, 5.0]]
+GMM_TRUE = GaussianMixture([0.8, 0.2], GMM_MEANS, 1.0)
+GMM_BLIND = GaussianMixture([0.5, 0.5], GMM_MEANS, 1.0)
+
+
+def gmm_samples(reps, n, seed):
+    return GMM_TRUE.sample(reps * n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[0].reshape(reps, n, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ksd_smoothed_is_the_ksd_of_the_noised_sample_against_the_perturbed_score(dtype):
+    # Reference: draw the noise as ksd_smoothed does (one [n_noise, ..., n, d] standard normal from the generator,
+    # shared by every level) and call ksd() level by level.
+    x = gmm_samples(2, 40, seed=40).to(dtype)  # [2, 40, 2]: two independent batch entries
+    sigmas = [0.0, 1.5, 6.0]
+    kernels = smoothed_kernels(IMQ(c=1.0), sigmas)
+    assert [k.c for k in kernels] == pytest.approx([1.0, math.hypot(1.0, 1.5), math.hypot(1.0, 6.0)])
+    for n_noise in (1, 3):
+        got = ksd_smoothed(x, GMM_BLIND.perturbed_score, kernels, sigmas, generator=torch.Generator().manual_seed(7),
+                           n_noise=n_noise)
+        assert got.shape == (2, 3) and got.dtype == dtype
+        eps = torch.randn((n_noise, *x.shape), generator=torch.Generator().manual_seed(7), dtype=dtype)
+        for level, s in enumerate(sigmas):
+            xt = x + s * eps  # [M, 2, 40, 2]
+            ref = torch.stack([ksd(xt[m], GMM_BLIND.perturbed(s).score(xt[m]), kernels[level]) for m in range(n_noise)]).mean(0)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(got[:, level], ref, rtol=tol, atol=tol)
+        # sigma = 0 is plain KSD against the model's own score (no noise enters)
+        torch.testing.assert_close(got[:, 0], ksd(x, GMM_BLIND.score(x), kernels[0]), rtol=1e-12, atol=0)
+    # a kernel factory is called on each level's smoothed sample (the median heuristic follows the noise); the
+    # factory closure of get_ksd_smoothed_fn gives the same numbers; the same seed gives the same values
+    fn = get_ksd_smoothed_fn(median_rbf, sigmas)
+    a = fn(x, GMM_BLIND.perturbed_score, generator=torch.Generator().manual_seed(3))
+    b = ksd_smoothed(x, GMM_BLIND.perturbed_score, median_rbf, sigmas, generator=torch.Generator().manual_seed(3))
+    eps = torch.randn((1, *x.shape), generator=torch.Generator().manual_seed(3), dtype=dtype)[0]
+    xt = x + 6.0 * eps
+    torch.testing.assert_close(a[:, 2], ksd(xt, GMM_BLIND.perturbed_score(xt, 6.0), median_rbf(xt)), rtol=1e-5, atol=1e-7)
+    assert torch.equal(a, b)
+
+
+def test_ksd_smoothed_is_differentiable_and_refuses_bad_ladders():
+    x = gmm_samples(1, 30, seed=41)[0].requires_grad_(True)
+    val = ksd_smoothed(x, GMM_BLIND.perturbed_score, IMQ(), [0.0, 3.0], generator=torch.Generator().manual_seed(0)).sum()
+    (grad,) = torch.autograd.grad(val, x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        ksd_smoothed(x, GMM_BLIND.perturbed_score, IMQ(), [1.0, -0.5], generator=None)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        ksd_smoothed(x, GMM_BLIND.perturbed_score, IMQ(), [], generator=None)
+    with pytest.raises(ValueError, match="2 kernels for 3 noise levels"):
+        ksd_smoothed(x, GMM_BLIND.perturbed_score, [IMQ(), IMQ()], [0.0, 1.0, 2.0], generator=None)
+    with pytest.raises(ValueError, match="returned \\(30,\\) for points \\(30, 2\\)"):
+        ksd_smoothed(x, lambda z, s: z[:, 0], IMQ(), [1.0], generator=None)
+
+
+@pytest.mark.parametrize("weighting", ["sum", "studentized"])
+def test_ksd_smoothed_test_is_one_wild_bootstrap_with_shared_multipliers(weighting):
+    # Reference loop: the noise (drawn first), then the B x n Rademacher draws (next, from the same generator);
+    # every level's U-statistic and bootstrap draws with the same multipliers, weighted and summed.
+    n, b, sigmas = 9, 7, [0.0, 2.0, 8.0]
+    x = gmm_samples(1, n, seed=42)[0]
+    kernels = smoothed_kernels(RBF(1.5), sigmas)
+    res = ksd_smoothed_test(x, GMM_TRUE.perturbed_score, kernels, sigmas, weighting=weighting, n_bootstrap=b,
+                            generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    eps = torch.randn((1, n, 2), generator=g, dtype=torch.float64)[0]
+    w = (2 * torch.randint(0, 2, (b, n), generator=g) - 1).double()
+    stat, null = 0.0, torch.zeros(b, dtype=torch.float64)
+    for level, s in enumerate(sigmas):
+        xt = x + s * eps
+        h = stein_kernel_matrix(xt, GMM_TRUE.perturbed_score(xt, s), kernels[level])
+        off = [(i, j) for i in range(n) for j in range(n) if i != j]
+        u = sum(h[i, j] for i, j in off) / (n * (n - 1))
+        weight = 1.0 if weighting == "sum" else 1.0 / math.sqrt(2 * sum(h[i, j] ** 2 for i, j in off) / (n * (n - 1)) ** 2)
+        torch.testing.assert_close(res.per_sigma[level], u, rtol=1e-12, atol=1e-15)
+        assert res.weights[level].item() == pytest.approx(weight, rel=1e-12)
+        torch.testing.assert_close(u, ksd(xt, GMM_TRUE.perturbed_score(xt, s), kernels[level]), rtol=1e-10, atol=1e-15)
+        stat = stat + weight * u
+        null = null + weight * torch.stack([sum(w[k, i] * w[k, j] * h[i, j] for i, j in off) for k in range(b)]) / (n * (n - 1))
+    torch.testing.assert_close(res.statistic, stat, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(res.null_samples, null, rtol=1e-10, atol=1e-14)
+    assert res.p_value.item() == (1 + (res.null_samples >= res.statistic).sum().item()) / (1 + b)
+    assert (res.n, res.d) == (n, 2) and res.per_sigma.shape == res.weights.shape == (3,)
+
+
+def test_ksd_smoothed_test_same_seed_same_result_and_bad_input_is_an_error():
+    x = gmm_samples(3, 50, seed=43)
+    run = lambda seed: ksd_smoothed_test(x, GMM_TRUE.perturbed_score, median_rbf, [2.0, 6.0], n_noise=2,  # noqa: E731
+                                         n_bootstrap=30, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(s, t) for s, t in zip(a[:4], b[:4])) and torch.equal(a.per_sigma, b.per_sigma)
+    assert not torch.equal(a.per_sigma, c.per_sigma)  # another seed, other noise
+    assert a.statistic.shape == (3,) and a.null_samples.shape == (3, 30) and not a.statistic.requires_grad
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ksd_smoothed_test(x, GMM_TRUE.perturbed_score, IMQ(), [1.0], weighting="mean")
+    bad = x.clone()
+    bad[1, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 of 150 rows of x are not finite"):
+        ksd_smoothed_test(bad, GMM_TRUE.perturbed_score, IMQ(), [1.0])
+    with pytest.raises(ValueError, match="rows of the perturbed score at sigma=2 are not finite"):
+        ksd_smoothed_test(x, lambda z, s: z / (s - 2.0), IMQ(), [1.0, 2.0])
+
+
+# The test. Plain KSD is blind: the 0.5/0.5 model's score differs from the true 0.8/0.2 one only where
+# the responsibilities are not 0 or 1, around the line x1 + x2 = 0 at 5 sqrt(2) = 7.1 standard deviations from
+# both means, where none of 500 points lands; its KSD^2 is then the true model's own, and its test rejects at the
+# level: the number of rejections among 20 independent seeds is Binomial(20, 0.05), P(>= 6) = 3.3e-4. Smoothed at
+# sigma = 7 and 14 (half and once the distance 14.1 between the means) the modes overlap, the weights change the
+# score where the data are, and every smoothed test rejects (scratch runs: 20 of 20 at p = 1/201, the smallest
+# p-value, for both kernels and for sigmas (5, 10) or (14,)); if its power were only 0.95, P(<= 14 of 20) = 3.3e-4.
+def test_smoothed_ksd_sees_the_mixing_proportions_plain_ksd_is_blind_to():
+    reps, n, k = 20, 500, 5
+    x = gmm_samples(reps, n, seed=44)  # [20, 500, 2]: one experiment per seed, batched
+    assert (GMM_BLIND.score(x) - GMM_TRUE.score(x)).abs().max() < 1e-6  # blindness, at every sample
+    plain = ksd_test(x, GMM_BLIND.score, median_rbf(x), n_bootstrap=200, generator=torch.Generator().manual_seed(45))
+    assert plain.reject.sum().item() <= k, plain.p_value
+    smoothed = ksd_smoothed_test(x, GMM_BLIND.perturbed_score, median_rbf, [7.0, 14.0], n_bootstrap=200,
+                                 generator=torch.Generator().manual_seed(46))
+    assert smoothed.reject.sum().item() >= reps - k, smoothed.p_value
+    # each level is a KSD^2 of its own: positive at both levels in every experiment (the alternative is seen)
+    assert (smoothed.per_sigma > 0).all()
+
+
+# Level: samples of the true 0.8/0.2 mixture, n = 200, 200 repetitions batched, ladder (7, 14) with the widened IMQ.
+# Binomial sd at 0.05 with 200 repetitions: 0.0154, so [0.02, 0.09] is -2 / +2.6 sd (P(< 4 of 200) = 0.009,
+# P(> 18 of 200) = 0.006). Scratch runs of 1000 repetitions: 0.040 (IMQ) and 0.047 (median RBF) studentized,
+# 0.040 and 0.044 with the plain sum.
+def test_ksd_smoothed_test_level():
+    x = gmm_samples(200, 200, seed=47)
+    sigmas = [7.0, 14.0]
+    res = ksd_smoothed_test(x, GMM_TRUE.perturbed_score, smoothed_kernels(IMQ(), sigmas), sigmas, n_bootstrap=200,
+                            generator=torch.Generator().manual_seed(48))
+    rate = res.reject.double().mean().item()
+    assert 0.02 <= rate <= 0.09, rate

@@ -13,7 +13,7 @@ from tasks.config.sections import ConfigError, Evaluate
 #: Metrics computed on features of an extractor.
 FEATURE_METRICS = frozenset({"fid", "kid", "inception_score", "precision_recall"})
 #: Metrics that need the true distribution (the mixture a toy pipeline's prepare stage recorded).
-TARGET_METRICS = frozenset({"ksd_target", "mode_weight", "log_likelihood", "mode_coverage"})
+TARGET_METRICS = frozenset({"ksd_target", "ksd_smoothed", "mode_weight", "log_likelihood", "mode_coverage"})
 
 
 #: The key a metric's curve is drawn by (the y of ``plots/<pipeline>/checkpoints.csv`` in dvc.yaml).
@@ -21,6 +21,7 @@ HEADLINE_KEY = {
     "ksd_target": "ksd", "ksd_model": "ksd_model", "mmd": "mmd", "mode_weight": "weight_error",
     "log_likelihood": "log_likelihood", "fid": "fid", "kid": "kid", "inception_score": "inception_score",
     "precision_recall": "precision", "mode_coverage": "modes_covered", "kale": "kale",
+    "ksd_smoothed": "ksd_smoothed",
 }
 
 

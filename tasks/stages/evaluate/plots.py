@@ -65,7 +65,7 @@ def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, si
     and its extremes there would wash out the shades that matter."""
     import torch
 
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
     from tasks.config.sections import LatentLangevinSample
 
     plt = _pyplot()
@@ -98,7 +98,7 @@ def plot_score_field(*, data, samples, mixture, model_path: Path, path: Path) ->
     plt = _pyplot()
     import torch
 
-    from tasks.families import load_model
+    from tasks.families.loading import load_model
 
     lo, hi, gx, gy, density = _density_grid(mixture, [data, samples])
     model = load_model(model_path)

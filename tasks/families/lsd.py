@@ -1,0 +1,100 @@
+"""Family ``lsd``: an unnormalised model learned by minimising the learned Stein discrepancy (Grathwohl, Wang,
+Jacobsen, Duvenaud & Zemel, "Learning the Stein Discrepancy for Training and Evaluating Energy-Based Models
+without Sampling", ICML 2020; the math in ``stein_core.lsd``).
+
+A critic f_φ: ℝᴰ → ℝᴰ (an MLP, ``critic``) maximises
+
+    L(θ, φ) = E_q[s_θ(x)ᵀ f_φ(x) + tr ∇f_φ(x)] − λ E_q‖f_φ(x)‖²,
+
+and the model (its score s_θ) minimises the same value at the current critic. One loop step takes
+``critic_steps`` critic updates, each on its own global batch (``ctx.draw()`` after the step's batch), then one
+model update on another; each module has its own Adam (``critic_optimizer``; the model's is ``lr``). The trace is
+exact up to ``exact_trace_max_dim`` dimensions (one backward pass per dimension) and Hutchinson's estimate with
+Gaussian probes above (one pass; the probes drawn from the step's generator for the global batch, so that ranks
+and resumed runs draw the same ones).
+
+Distributed: every loss is a mean of per-example terms on this rank's slice; the modules are not DDP-wrapped (the
+trace makes the critic's loss a double backward) and the gradients are averaged over the ranks
+(``ctx.average_gradients``), what DDP computes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tasks.families._critic import OptimizerSection, adam
+from tasks.families._stein import SteinFamily, SteinTrain, model_score
+from tasks.families.base import StepContext, TrainState
+
+
+class LSDTrain(SteinTrain):
+    family: Literal["lsd"]
+    lam: float = Field(0.5, gt=0, le=1e6, description="λ, the weight of the critic's L2 penalty E‖f‖²")
+    critic_steps: int = Field(5, ge=1, le=100_000, description="critic updates per model update")
+    critic_hidden: int = Field(300, ge=1, le=65536, description="width of the critic MLP's hidden layers")
+    critic_layers: int = Field(2, ge=1, le=64, description="hidden layers of the critic MLP")
+    critic_optimizer: OptimizerSection = OptimizerSection(lr=1e-3, beta1=0.9, beta2=0.999)
+    exact_trace_max_dim: int = Field(20, ge=0, le=100_000, description="tr ∇f exact up to this dimension, "
+                                     "Hutchinson's estimate above")
+
+
+class LSDFamily(SteinFamily):
+    name = "lsd"
+    config = LSDTrain
+    loss_key = "lsd"
+    ddp = False
+
+    def build(self, cfg: LSDTrain, shape) -> dict[str, Any]:
+        from stein_core.critics import MLPCritic
+
+        dim = math.prod(shape)
+        return super().build(cfg, shape) | {
+            "critic": MLPCritic(dim, out_dim=dim, hidden=cfg.critic_hidden, n_layers=cfg.critic_layers)}
+
+    def optimizers(self, cfg: LSDTrain, modules) -> dict[str, Any]:
+        import torch
+
+        return {"model": torch.optim.Adam(modules["model"].parameters(), lr=cfg.lr),
+                "critic": adam(modules["critic"], cfg.critic_optimizer)}
+
+    def lr_schedule(self, cfg: LSDTrain, name: str) -> str:
+        return cfg.lr_schedule if name == "model" else cfg.critic_optimizer.lr_schedule
+
+    def step(self, state: TrainState, batch, ctx: StepContext, cfg: LSDTrain) -> dict[str, Any]:
+        import torch
+
+        from stein_core.lsd import lsd_objective
+
+        model, critic = state.modules["model"], state.modules["critic"]
+        opt = state.optimizers
+        exact = batch.shape[-1] <= cfg.exact_trace_max_dim
+
+        def objective(global_x):
+            noise = None if exact else ctx.local(torch.randn(global_x.shape, generator=ctx.generator,
+                                                             device=global_x.device, dtype=global_x.dtype))
+            x = ctx.local(global_x)
+            return lsd_objective(x, model_score(model, x, cfg.model.kind), critic, cfg.lam, noise=noise)
+
+        values = []
+        for i in range(cfg.critic_steps):
+            value, _ = objective(batch if i == 0 else ctx.draw())
+            opt["critic"].zero_grad(set_to_none=True)
+            (-value).backward()  # ascent in the critic
+            ctx.average_gradients(critic)
+            opt["critic"].step()
+            values.append(value.detach())
+        value, stein = objective(ctx.draw())
+        opt["model"].zero_grad(set_to_none=True)
+        opt["critic"].zero_grad(set_to_none=True)
+        value.backward()  # descent in the model; the critic's gradients of this pass are dropped
+        ctx.average_gradients(model)
+        opt["model"].step()
+        opt["critic"].zero_grad(set_to_none=True)
+        return {"lsd": torch.stack(values), "lsd_model_step": value.detach(), "stein": stein.detach()}
+
+
+#: The family this module registers.
+FAMILY = LSDFamily()
