@@ -62,11 +62,10 @@ def sweep_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
 
 def pipeline_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
     """The DVC stages of one pipeline, from its registry entry and its validated config."""
-    from tasks.config.sweep import SweepConfig
     from tasks.stages.evaluate.inputs import HEADLINE_KEY, EvalInputs, plot_files, required_inputs
     from tasks.families import FAMILIES
 
-    if spec.config_model is SweepConfig:
+    if spec.is_sweep:
         return sweep_stages(spec, root)
     cfg = spec.load_config(root)
     family = spec.family(root)

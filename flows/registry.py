@@ -20,8 +20,6 @@ from pydantic import BaseModel
 
 from tasks.config.sections import ConfigError, load_config
 from tasks.config.paths import Paths
-from tasks.config.pipelines import GenerativeConfig, ResampleConfig
-from tasks.config.sweep import SweepConfig
 from tasks.infra.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
 
 
@@ -77,13 +75,30 @@ def section_of(cfg: BaseModel, dotted: str) -> Any:
     return obj
 
 
+#: The root config models of the pipelines (``Pipeline.config``).
+GENERATIVE = "tasks.config.pipelines:GenerativeConfig"
+RESAMPLE = "tasks.config.pipelines:ResampleConfig"
+SWEEP = "tasks.config.sweep:SweepConfig"
+
+
 @dataclass(frozen=True)
 class Pipeline:
     name: str
     description: str
-    config_model: type[BaseModel] = GenerativeConfig
+    #: ``module:class`` of the root config model, imported when first asked for (:attr:`config_model`): a stage
+    #: process imports its own pipeline's config module only, so each stage's code deps are what it loads
+    config: str = GENERATIVE
     stages: tuple[Stage, ...] = field(default_factory=generative_stages)
     upstream: str | None = None
+
+    @property
+    def config_model(self) -> type[BaseModel]:
+        module, _, cls = self.config.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.config == SWEEP
 
     @property
     def config_file(self) -> str:
@@ -149,7 +164,7 @@ class Pipeline:
         while spec.upstream:
             spec = PIPELINES[spec.upstream]
         cfg = spec.load_config(root)
-        if isinstance(cfg, SweepConfig):
+        if spec.is_sweep:
             section = section_of(cfg, spec.stage(stage).section) if stage else None
             return getattr(section, "family", None)
         return cfg.train.family
@@ -158,12 +173,16 @@ class Pipeline:
         """The code deps of ``stage`` (``flows.code_deps``): the project files its flow, its config models, the path
         catalog and the pipeline's model family import (every stage validates the whole config, the train section
         by its family's model, and reads and writes where the catalog says; the train, sample and evaluate stages
-        build or load the family's modules)."""
+        build or load the family's modules). Every stage of a sweep validates every method's section by its
+        family's model, so each depends on every method's family."""
         from flows.code_deps import import_closure
 
-        family = family or self.family(root, stage)
+        if self.is_sweep:
+            families = sorted({m.family for m in self.load_config(root).methods.values()})
+        else:
+            families = [family or self.family(root, stage)]
         roots = [self.stage(stage).flow.partition(":")[0], self.config_model.__module__, Paths.__module__,
-                 *([f"tasks.families.{family}"] if family else [])]
+                 *(f"tasks.families.{f}" for f in families if f)]
         return import_closure(root, roots)
 
 
@@ -178,7 +197,7 @@ PIPELINES: dict[str, Pipeline] = {
             "gmm2d-blindness",
             "mixing-proportion blindness (Wenliang & Kanagawa): gmm2d's score network sampled by annealed vs "
             "single-noise-level Langevin; only the annealed chain recovers the 0.8 weight",
-            ResampleConfig,
+            RESAMPLE,
             stages=(
                 Stage("sample-annealed", "flows.sample:sample_flow", "sample_annealed", "annealed"),
                 Stage("sample-langevin", "flows.sample:sample_flow", "sample_langevin", "langevin"),
@@ -208,9 +227,9 @@ PIPELINES: dict[str, Pipeline] = {
                  stages=_IMAGES),
         Pipeline("ica-small", "ICA (Student-t sources, D = 10, 20; one seed) learned by minimising KSD, maxSKSD and "
                  "the learned Stein discrepancy; held-out log-likelihood against the true W (under 30 min on 2 cores)",
-                 SweepConfig, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
+                 SWEEP, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
         Pipeline("ica", "the ICA table of Stein-discrepancy learning (D = 10 ... 200, three seeds, the literature's "
-                 "15,000 steps): for a GPU or a cluster", SweepConfig, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
+                 "15,000 steps): for a GPU or a cluster", SWEEP, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),
     )
 }
 

@@ -217,11 +217,15 @@ def _print_results(spec, root: Path) -> None:
     click.echo("Results:")
     click.echo(f"  metrics   {rel(paths.metrics)}   (dvc metrics show)")
     click.echo(f"  plots     {rel(paths.plots)}/   (dvc plots show)")
-    click.echo(f"  samples   {rel(paths.samples.parent)}/")
-    if spec.upstream:
-        click.echo(f"  model     {rel(paths.model)}   (from pipeline {spec.upstream})")
+    from tasks.config.sweep import SweepPaths
+
+    if spec.is_sweep:
+        sp = SweepPaths(paths)
+        click.echo(f"  table     {rel(sp.table.with_suffix('.md'))}   (and .csv, .png)")
+        click.echo(f"  models    {rel(sp.models('<method>').parent)}/<method>/<cell>/model.pt   (cells d<D>-s<seed>)")
     else:
-        click.echo(f"  model     {rel(paths.model)}")
+        click.echo(f"  samples   {rel(paths.samples.parent)}/")
+        click.echo(f"  model     {rel(paths.model)}" + (f"   (from pipeline {spec.upstream})" if spec.upstream else ""))
     from tasks.tracking.log import tracking_uri
 
     uri = tracking_uri(root)

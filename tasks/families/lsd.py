@@ -6,7 +6,9 @@ A critic f_φ: ℝᴰ → ℝᴰ (an MLP, ``critic``) maximises
 
     L(θ, φ) = E_q[s_θ(x)ᵀ f_φ(x) + tr ∇f_φ(x)] − λ E_q‖f_φ(x)‖²,
 
-and the model (its score s_θ) minimises the same value at the current critic. One loop step takes
+and the model (its score s_θ) minimises the same value at the current critic: only E[s_θᵀ f_φ] depends on θ, so
+the model's update descends that term alone, with f_φ(x) a value (the same gradient, without the trace's second
+backward pass). One loop step takes
 ``critic_steps`` critic updates, each on its own global batch (``ctx.draw()`` after the step's batch), then one
 model update on another; each module has its own Adam (``critic_optimizer``; the model's is ``lr``). The trace is
 exact up to ``exact_trace_max_dim`` dimensions (one backward pass per dimension) and Hutchinson's estimate with
@@ -72,28 +74,34 @@ class LSDFamily(SteinFamily):
         opt = state.optimizers
         exact = batch.shape[-1] <= cfg.exact_trace_max_dim
 
-        def objective(global_x):
-            noise = None if exact else ctx.local(torch.randn(global_x.shape, generator=ctx.generator,
-                                                             device=global_x.device, dtype=global_x.dtype))
-            x = ctx.local(global_x)
-            return lsd_objective(x, model_score(model, x, cfg.model.kind), critic, cfg.lam, noise=noise)
+        def probes(global_x):  # Hutchinson's probes for the global batch, this rank's rows (None: exact trace)
+            return None if exact else ctx.local(torch.randn(global_x.shape, generator=ctx.generator,
+                                                            device=global_x.device, dtype=global_x.dtype))
 
-        values = []
+        values, steins = [], []
         for i in range(cfg.critic_steps):
-            value, _ = objective(batch if i == 0 else ctx.draw())
+            global_x = batch if i == 0 else ctx.draw()
+            noise, x = probes(global_x), ctx.local(global_x)
+            with torch.no_grad():  # the critic's update needs the model's score as a value only
+                score = model_score(model, x, cfg.model.kind, create_graph=False)
+            value, stein = lsd_objective(x, score.detach(), critic, cfg.lam, noise=noise)
             opt["critic"].zero_grad(set_to_none=True)
             (-value).backward()  # ascent in the critic
             ctx.average_gradients(critic)
             opt["critic"].step()
             values.append(value.detach())
-        value, stein = objective(ctx.draw())
+            steins.append(stein.detach())
+        # the model's update at the current critic: of the objective only mean(s_θᵀ f) depends on θ, so its gradient
+        # is that of mean(s_θ(x)ᵀ f(x)) with f a value (no trace, no second backward pass)
+        x = ctx.local(ctx.draw())
+        with torch.no_grad():
+            f = critic(x)
+        loss = (model_score(model, x, cfg.model.kind) * f).sum(-1).mean()
         opt["model"].zero_grad(set_to_none=True)
-        opt["critic"].zero_grad(set_to_none=True)
-        value.backward()  # descent in the model; the critic's gradients of this pass are dropped
+        loss.backward()
         ctx.average_gradients(model)
         opt["model"].step()
-        opt["critic"].zero_grad(set_to_none=True)
-        return {"lsd": torch.stack(values), "lsd_model_step": value.detach(), "stein": stein.detach()}
+        return {"lsd": torch.stack(values), "stein": torch.stack(steins), "model_stein_term": loss.detach()}
 
 
 #: The family this module registers.

@@ -133,7 +133,7 @@ def assert_stage_imports_are_deps(repo: Path, pipeline: str) -> None:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     records = [json.loads(ln) for ln in (repo / ".stein" / "imports.jsonl").read_text().splitlines()]
     ours = [r for r in records if r["stage"].startswith(pipeline + "-") and r["stage"] in stages]
-    assert {f"{pipeline}-{s}" for s in ("prepare", "train", "sample", "evaluate")} <= {r["stage"] for r in ours}
+    assert {PIPELINES[pipeline].dvc_stage(st.name) for st in PIPELINES[pipeline].stages} <= {r["stage"] for r in ours}
     for r in ours:
         deps = set(stages[r["stage"]]["deps"])
         missing = [f for f in r["files"] if f not in deps and not is_wiring(f)]

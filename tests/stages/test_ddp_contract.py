@@ -37,6 +37,13 @@ FAMILY_CFG = {
              "generator_optimizer": _OPT, "critic_optimizer": _OPT, "log_partition_lr": 3e-3},
     "mmdgan": {"net": _GEN, "critic": _CRITIC, "features": 4, "critic_steps": 2, "burst_steps": 3, "penalty": 1.0,
                "generator_optimizer": _OPT, "critic_optimizer": _OPT},
+    # a KSD U-statistic over the global batch of an energy model's scores (a gradient of a gradient: no DDP wrapper,
+    # the ranks' parts summed); maxSKSD's directions see every row; LSD's critic takes 2 updates with Hutchinson
+    # probes drawn for the global batch, then the model one
+    "ksd": {"model": {"kind": "energy_mlp", "hidden": 16, "n_layers": 2}, "lr": 3e-3},
+    "maxsksd": {"model": {"kind": "ica"}, "variant": "rg", "n_slices": 2, "directions_lr": 0.1, "lr": 3e-3},
+    "lsd": {"model": {"kind": "ica"}, "critic_steps": 2, "critic_hidden": 16, "critic_layers": 2, "exact_trace_max_dim": 1,
+            "critic_optimizer": _OPT, "lr": 3e-3},
 }
 N_TRAIN = 400
 

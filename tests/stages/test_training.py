@@ -24,12 +24,18 @@ FAMILY_CFG = {
     "mmdgan": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}, "critic": {"kind": "mlp", "hidden": 16},
                "features": 4, "critic_steps": 2, "burst_steps": 4, "burst_every": 8,
                "generator_optimizer": {"lr": 3e-3}, "critic_optimizer": {"lr": 3e-3}},
+    # unnormalised models by Stein discrepancies: an energy MLP's score (a double backward), the slice directions'
+    # ascent, and the LSD critic's updates with Hutchinson probes (d = 2 > exact_trace_max_dim)
+    "ksd": {"model": {"kind": "energy_mlp", "hidden": 16, "n_layers": 2}},
+    "maxsksd": {"model": {"kind": "ica"}, "variant": "rg", "n_slices": 2, "directions_lr": 0.1},
+    "lsd": {"model": {"kind": "ica"}, "critic_steps": 2, "critic_hidden": 16, "critic_layers": 2,
+            "exact_trace_max_dim": 1, "critic_optimizer": {"lr": 3e-3}},
 }
 
 
 def _cfg(family: str, **kw):
     base = {"family": family, "n_steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 10}
-    if "critic_optimizer" not in FAMILY_CFG[family]:
+    if "critic_optimizer" not in FAMILY_CFG[family] or family == "lsd":  # lsd: the model's own lr beside
         base["lr"] = 3e-3
     return FAMILIES[family].config.model_validate(base | FAMILY_CFG[family] | kw)
 

@@ -490,3 +490,34 @@ def test_sliced_kernel_factory_error_names_the_slice_projections():
     eye = torch.eye(2, dtype=torch.float64)
     with pytest.raises(ValueError, match="slice kernel factory failed on the projections.*all 20 points coincide"):
         sksd(x, -x, median_rbf, r=eye, g=eye)
+
+
+@pytest.mark.parametrize("kernel", ["median", "imq", "batched_rbf"])
+def test_sliced_stein_kernel_is_the_same_whatever_the_chunk_of_slices(monkeypatch, kernel):
+    """Slices are summed in chunks of SLICE_BLOCK // n² (one batched median heuristic per chunk): one slice per
+    pass, chunks that do not divide R, and every slice at once give the same matrix, for a kernel factory, a fixed
+    kernel and a kernel with one bandwidth per batch entry."""
+    import stein_core.discrepancies as disc
+    from stein_core.kernels import IMQ, RBF
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 12, 5, generator=gen, dtype=torch.float64)  # 3 batch entries
+    s = torch.randn(3, 12, 5, generator=gen, dtype=torch.float64)
+    r = torch.nn.functional.normalize(torch.randn(7, 5, generator=gen, dtype=torch.float64), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(3, 7, 5, generator=gen, dtype=torch.float64), dim=-1)
+    k = {"median": disc.median_rbf, "imq": IMQ(c=1.3), "batched_rbf": RBF(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))}[kernel]
+    results = []
+    for block in (12 * 12, 3 * 12 * 12, 100 * 12 * 12):  # 1, 3 (7 = 3 + 3 + 1) and all 7 slices per pass
+        monkeypatch.setattr(disc, "SLICE_BLOCK", block)
+        results.append(disc.sliced_stein_kernel_matrix(x, s, k, r, g))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
+    # and a slice alone is the 1-D Stein kernel the loop of the definition gives for it
+    one = disc.sliced_stein_kernel_matrix(x[1], s[1], k if kernel != "batched_rbf" else RBF(1.0), r[2:3], g[1, 2:3])
+    u, sr, c = x[1] @ g[1, 2], s[1] @ r[2], float(r[2] @ g[1, 2])
+    kern = (k(u[:, None]) if kernel == "median" else (k if kernel == "imq" else RBF(1.0)))
+    delta = u[:, None] - u[None, :]
+    phi, dphi, d2phi = kern.profile(delta * delta)
+    ref = phi * sr[:, None] * sr[None, :] + 2 * c * dphi * delta * (sr[None, :] - sr[:, None]) \
+        - c * c * (2 * dphi + 4 * d2phi * delta * delta)
+    torch.testing.assert_close(one, ref, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,6 @@ the non-finite guard and checkpoints are the loop's) and its own MLflow run, a c
 ``stein.cell = <method>/<cell>``. A cell whose model is already in the sweep's staging folder
 (``.stein/sweeps/<pipeline>/<method>/``) with the same inputs (its Ray Train run name: a digest of the cell's train
 section, data and code) is not trained again, so an interrupted sweep continues where it stopped; the stage's
-output folder is written atomically at the end.
+output folder is written atomically at the end, and the staging folder removed.
 
 """

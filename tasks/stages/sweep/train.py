@@ -89,4 +89,5 @@ def train_cells(
             (tmp / name).mkdir()
             for f in ("model.pt", "train_loss.csv"):
                 shutil.copy2(staging / name / f, tmp / name / f)
+    shutil.rmtree(staging)  # exported: the staging folder only served an interrupted sweep
     return {"cells_trained": trained, "cells_reused": reused, "train_loop_seconds": loop_seconds}
