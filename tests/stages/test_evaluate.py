@@ -272,7 +272,7 @@ def test_ksd_smoothed_separates_the_mixing_proportions_that_ksd_is_blind_to(toy)
 
 def test_ksd_smoothed_needs_a_known_distribution(tmp_path):
     write_dataset(tmp_path / "test.parquet", np.zeros((50, 2), np.float32))  # no mixture in the metadata
-    with pytest.raises(ConfigError, match="key 'evaluate.metrics': ksd_smoothed needs the true distribution's noise"):
+    with pytest.raises(ConfigError, match="key 'evaluate.metrics': ksd_smoothed needs the true distribution"):
         _run(Evaluate(metrics=["mmd", "ksd_smoothed"]), {"samples": tmp_path / "test.parquet"},
              EvalInputs(test=tmp_path / "test.parquet"), tmp_path / "out", config_path="conf/x.yaml")
     assert not (tmp_path / "out").exists()

@@ -29,6 +29,9 @@ def test_gmm2d_recovers_the_mixing_weight():
 def test_blindness_annealed_recovers_the_weight_and_plain_langevin_does_not():
     m = _metrics("gmm2d-blindness")
     assert m["weight_error_annealed"] <= 0.05 < 0.2 <= m["weight_error_langevin"]
+    # the noise-smoothed KSD test sees the wrong weights (p at its floor, 1/201) and accepts the right ones
+    assert m["ksd_smoothed_p_value_langevin"] < 0.01 < m["ksd_smoothed_p_value_annealed"]
+    assert m["ksd_smoothed_langevin"] > 10 * max(m["ksd_smoothed_annealed"], m["ref_ksd_smoothed"], 1.0)
 
 
 def test_digits_score_network_fid_near_its_baseline():

@@ -175,14 +175,15 @@ def test_changed_code_names_the_file(repo, restore):
     assert stages["gmm2d-evaluate"]["upstream"] == ["gmm2d-sample"]
 
     # a stein_core module: the stages that import it, and no other; a new module and the generator objectives
-    # (which gmm2d never imports): nothing
+    # (which gmm2d never imports): nothing. kernels.py reaches prepare too: every stage validates the train section
+    # by the ncsn family, whose sampler module (stein_core/samplers.py: SVGD's RBF) imports it
     with open(repo / "stein_core" / "kernels.py", "a") as f:
         f.write("# an edit\n")
     with open(repo / "stein_core" / "generators.py", "a") as f:
         f.write("# an edit\n")
     (repo / "stein_core" / "extra.py").write_text("X = 1\n")
     stages = by_stage(status_json(repo))
-    assert list(stages) == ["gmm2d-train", "gmm2d-sample", "gmm2d-evaluate"]
+    assert list(stages) == ["gmm2d-prepare", "gmm2d-train", "gmm2d-sample", "gmm2d-evaluate"]
     kernels = {"path": "stein_core/kernels.py", "change": "modified"}
     assert stages["gmm2d-train"]["code"] == [kernels] and kernels in stages["gmm2d-evaluate"]["code"]
     assert all(c["path"] != "stein_core/generators.py" for s in stages.values() for c in s["code"])

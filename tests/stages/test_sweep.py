@@ -84,7 +84,7 @@ def test_a_tiny_ica_sweep_runs_through_its_stages_with_a_run_per_cell(repo, pref
     raw = yaml.safe_load(path.read_text())
     raw["methods"]["lsd"]["lam"] = 1.0
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    out = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", f"{PIPELINE}-evaluate"], cwd=repo,
+    out = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--with-deps", f"{PIPELINE}-evaluate"], cwd=repo,
                          capture_output=True, text=True, timeout=300).stdout
     assert f"{PIPELINE}-train-lsd:" in out, out
     assert not any(f"{PIPELINE}-{s}:" in out for s in ("prepare", "train-ksd", "train-maxsksd")), out

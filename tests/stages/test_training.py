@@ -149,12 +149,13 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(data):
 @pytest.mark.slow
 # agd is heavy (25 s, make test-all): ncsn exercises Ray Train's DDP path in make test, and
 # tests/stages/test_ddp_contract.py checks every family's gradients under DDP (the world-size scaling)
-@pytest.mark.parametrize("family", ["ncsn", pytest.param("agd", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("family", ["ncsn", *(pytest.param(f, marks=pytest.mark.heavy) for f in ("agd", "ksd", "lsd"))])
 def test_two_ray_workers_give_the_weights_of_one_worker(family, project, data):
     """Ray Train with 2 DDP workers (gloo, CPU) against the bare loop with the same global batch: the final
     weights agree to float32 round-off (the two ranks' partial gradients are summed in another order). ``ncsn``
     averages per-example losses over each rank's slice; ``agd`` couples the whole batch through kernel matrices
-    and gathers the generator batch across the ranks. Also checks what the stage writes: every checkpoint, the
+    and gathers the generator batch across the ranks; ``ksd`` (an energy model: no DDP wrapper, the ranks' parts of
+    the U-statistic's gradient summed) and ``lsd`` (critic and model updates, gradients averaged by the family). Also checks what the stage writes: every checkpoint, the
     model and the curves."""
     from tasks.data.io import load_checkpoint, write_dataset
     from tasks.infra.runtime import RuntimeSettings

@@ -60,7 +60,7 @@ def summarise(cfg: SweepConfig, rows: list[dict]) -> tuple[dict[str, float], lis
 
 def write_table(table: list[dict], out: Path, *, title: str) -> list[Path]:
     """The table method × D as ``table.csv`` (long form), ``table.md`` (mean ± std, the truth as the last row) and
-    ``table.png`` (log-likelihood against D per method, the gap to the truth beside)."""
+    ``table.png`` (log-likelihood per dimension against D per method, the gap to the truth beside)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,15 +80,15 @@ def write_table(table: list[dict], out: Path, *, title: str) -> list[Path]:
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
-        means = [cell[m, d]["mean"] for d in dims]
-        stds = [cell[m, d]["std"] for d in dims]
+    for m in methods:  # per dimension: the totals fall linearly with D and would hide the methods' differences
+        means = [cell[m, d]["mean"] / d for d in dims]
+        stds = [cell[m, d]["std"] / d for d in dims]
         style = {"color": "black", "linestyle": "--"} if m == "true" else {"marker": "o"}
         axes[0].errorbar(dims, means, yerr=stds, label=m, capsize=3, **style)
         if m != "true":
             gaps = [cell["true", d]["mean"] - cell[m, d]["mean"] for d in dims]
             axes[1].plot(dims, gaps, marker="o", label=m)
-    axes[0].set(xlabel="dimension D", ylabel="held-out log-likelihood per point (nats)", title=title)
+    axes[0].set(xlabel="dimension D", ylabel="held-out log-likelihood per point and dimension (nats)", title=title)
     axes[1].set(xlabel="dimension D", ylabel="true W's log-likelihood minus the model's (nats)",
                 title="gap to the true model (lower is better)")
     axes[1].set_yscale("symlog", linthresh=0.1)
