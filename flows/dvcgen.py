@@ -51,7 +51,7 @@ def sweep_stages(spec: Pipeline, root: Path) -> dict[str, Any]:
         else:
             deps = [rel(sp.data), *models]
             plots = spec.paths(root).plots
-            outs = {"outs": [{rel(plots / "table.md"): {"cache": False}}],
+            outs = {"outs": [rel(plots / "table.md")],
                     "metrics": [{rel(spec.paths(root).metrics): {"cache": False}}],
                     "plots": [{rel(plots / "table.csv"): {"x": "dim", "y": "mean"}}, rel(plots / "table.png")]}
         block["deps"] = [*deps, *spec.stage_code(root, st.name)]

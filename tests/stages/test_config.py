@@ -286,8 +286,8 @@ def test_every_pipeline_has_a_tiny_config_that_builds(name, tiny_config, tmp_pat
     cfg = load_config(path, PIPELINES[name].config_model)
     for train in [cfg.train] if getattr(cfg, "train", None) is not None else list(getattr(cfg, "methods", {}).values()):
         assert train.n_steps <= 40 and train.checkpoint_every <= train.n_steps
-    if getattr(cfg, "methods", None):  # a sweep: two dimensions, one seed
-        assert len(cfg.prepare.dims) <= 2 and len(cfg.prepare.seeds) == 1
+    if getattr(cfg, "methods", None):  # a sweep: one dimension, one seed
+        assert len(cfg.prepare.dims) == 1 and len(cfg.prepare.seeds) == 1
     else:
         assert cfg.evaluate.n_eval <= 100
 
