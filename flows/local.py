@@ -270,6 +270,51 @@ def die_with_parent() -> None:
         pass
 
 
+#: The environment variable by which ``flows.dvc_main`` tells the stage commands its PID.
+DVC_PID_ENV = "STEIN_DVC_PID"
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent PID of ``pid`` from /proc (None: gone, or not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces; then state, ppid
+
+
+def _descends_from(ancestor: int) -> bool:
+    """Whether this process still descends from ``ancestor`` (a few generations up: the stage's shell between).
+    A dead ancestor's children are re-parented, so the chain no longer reaches it, zombie or reused PID alike."""
+    pid = os.getppid()
+    for _ in range(8):
+        if pid == ancestor:
+            return True
+        if pid is None or pid <= 1:
+            return False
+        pid = _parent_of(pid)
+    return False
+
+
+def end_with_dvc(poll: float = 0.5) -> None:
+    """In a stage command DVC started (``STEIN_DVC_PID`` set): a daemon thread that sends this process SIGTERM
+    once DVC is no longer among its ancestors, whatever ended DVC. The parent-death signal (:func:`die_with_parent`)
+    covers a stage whose parent is DVC; this covers one whose parent is DVC's shell, should the shell outlive DVC."""
+    import threading
+
+    raw = os.environ.get(DVC_PID_ENV, "")
+    if not raw.isdigit() or not Path("/proc/self/stat").exists() or not _descends_from(int(raw)):
+        return
+    ancestor = int(raw)
+
+    def watch() -> None:
+        while _descends_from(ancestor):
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-dvc", daemon=True).start()
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM to the process group ``proc`` leads (the server and anything it started), SIGKILL after
     ``timeout`` seconds."""

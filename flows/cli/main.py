@@ -278,9 +278,10 @@ def stage(stage: str, pipeline: str, config: str | None) -> None:
     runs unconditionally; to rerun it only when its inputs changed use `dvc repro <pipeline>-<stage>`.
     """
     root = _setup()
-    from flows.local import die_with_parent, record_stage_error
+    from flows.local import die_with_parent, end_with_dvc, record_stage_error
 
     die_with_parent()  # started by DVC: when DVC dies (stein run stopped or killed), this stage dies with it
+    end_with_dvc()  # ... also when a shell stands between them and outlives DVC
     name = f"{pipeline}-{stage}"
     if os.environ.get(RECORD_IMPORTS_ENV):
         from flows.code_deps import record_imports_at_exit

@@ -63,3 +63,51 @@ def test_the_prefect_server_stops_with_the_command_that_started_it(project, sig)
             os.killpg(proc.pid, signal.SIGKILL)
         for p in _server_processes(port) if "port" in locals() else []:
             p.kill()
+
+
+# A stand-in for `stein stage`: it arms the watch and waits to be ended.
+STAGE = """
+import time
+from flows.local import end_with_dvc
+end_with_dvc(poll=0.1)
+time.sleep(120)
+"""
+
+# A stand-in for DVC: it names itself as flows.dvc_main does and runs the stage through a shell that does not exec
+# it (`; true`), so the shell stays between them; then it waits.
+DVC = """
+import os, subprocess, sys, time
+os.environ["STEIN_DVC_PID"] = str(os.getpid())
+proc = subprocess.Popen(["/bin/sh", "-c", f"'{sys.argv[1]}' '{sys.argv[2]}'; true"])
+print(proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stage_ends_when_dvc_dies_even_if_the_shell_between_them_lives_on(tmp_path):
+    """The case CI once hit: DVC gone (SIGKILL here, so no group signal), the stage's shell alive, hence no
+    parent-death signal for the stage. The stage's own watch of DVC ends it, and the shell with it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    (tmp_path / "stage.py").write_text(STAGE)
+    dvc = subprocess.Popen([sys.executable, "-c", DVC, sys.executable, str(tmp_path / "stage.py")], stdout=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    try:
+        shell = psutil.Process(int(dvc.stdout.readline()))
+        deadline = time.monotonic() + 60
+        while not (stages := shell.children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stages, "the shell started no stage"
+        stage = stages[0]
+        while len(stage.threads()) < 2 and time.monotonic() < deadline:  # armed: the watch thread runs
+            time.sleep(0.05)
+        assert len(stage.threads()) >= 2, "the stage never armed its watch"
+        os.kill(dvc.pid, signal.SIGKILL)  # DVC alone: the shell is re-parented and lives on
+        dvc.wait(timeout=10)
+        gone, alive = psutil.wait_procs([stage, shell], timeout=20)
+        assert not alive, f"left running after DVC died: {[(p.pid, p.name()) for p in alive]}"
+        assert stage.pid in {p.pid for p in gone}
+    finally:
+        try:
+            os.killpg(dvc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
