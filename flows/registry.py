@@ -225,6 +225,16 @@ PIPELINES: dict[str, Pipeline] = {
                  "latent Langevin; FID of the GEBM and of its base", stages=generative_stages(classifier=True, base=True)),
         Pipeline("digits-mmdgan", "8x8 digits: MMD-GAN, the digits-agd generator against a conv critic",
                  stages=_IMAGES),
+        Pipeline("ring8-ebm", "ring of 8 Gaussians: energy-based model by maximum likelihood with MCMC negatives "
+                 "(train.negatives: pcd, cd or short_run), MCMC samples; the learned density on a grid against the truth"),
+        Pipeline("ring8-nce", "ring of 8 Gaussians: energy-based model by noise-contrastive estimation (Gutmann & "
+                 "Hyvärinen 2010) against a fitted Gaussian, its log-normaliser learned; MCMC samples"),
+        Pipeline("ring8-fce", "ring of 8 Gaussians: energy-based model by flow contrastive estimation (Gao et al. "
+                 "2020), a normalising flow (zuko) as the trained noise; MCMC samples"),
+        Pipeline("digits-ebm", "8x8 digits: conv energy-based model by short-run MCMC maximum likelihood (Nijkamp et "
+                 "al. 2019); FID/MMD of the chains' final states", stages=_IMAGES),
+        Pipeline("digits-latent-ebm", "8x8 digits: latent-space energy-based prior (Pang et al. 2020) under a "
+                 "DCGAN-style generator, short-run Langevin for prior and posterior; FID/MMD", stages=_IMAGES),
         Pipeline("ica-small", "ICA (Student-t sources, D = 10, 20; one seed) learned by minimising KSD, maxSKSD and "
                  "the learned Stein discrepancy; held-out log-likelihood against the true W (under 30 min on 2 cores)",
                  SWEEP, stages=sweep_stages(("ksd", "maxsksd", "lsd"))),

@@ -12,7 +12,8 @@ permutation tests), ``score_estimators`` (Stein gradient estimators, SSGE),
 (ULA, MALA, RWMH, underdamped Langevin, HMC, annealed Langevin, SVGD), ``nets``
 (noise-conditional MLP and conv score networks, MLP and conv generators),
 ``generators`` (approximate-gradient-descent and MMD losses for implicit
-generators), ``ica`` (the ICA benchmark's data and model), ``lsd`` (the learned Stein discrepancy), ``critics`` (KALE and generalised energy-based models, MMD-GAN critics), ``ema`` (weight averaging),
+generators), ``ica`` (the ICA benchmark's data and model), ``lsd`` (the learned Stein discrepancy), ``critics`` (KALE and generalised energy-based models, MMD-GAN critics), ``ebm`` (energy-based model
+estimators: contrastive divergence, NCE, FCE, grid normalisers), ``ema`` (weight averaging),
 ``metrics`` (Fréchet distance, KID, Inception score, precision/recall, streaming
 moments), ``features`` (the extractor protocol, a LeNet classifier), ``inception``
 (the FID Inception-v3).
@@ -37,6 +38,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                       "get_sksd_fn", "ksd", "ksd_linear", "ksd_smoothed", "maxsksd", "median_rbf", "mmd", "mmd_linear",
                       "sksd", "sliced_stein_kernel_matrix", "smoothed_kernels", "stein_kernel_matrix"),
     "distributions": ("GaussianMixture", "score_from_log_prob"),
+    "ebm": ("GaussianNoise", "cd_loss", "fce_value", "grid_box", "grid_log_normaliser", "log_density", "nce_logits",
+            "nce_loss"),
     "ema": ("EMA", "unwrap_model"),
     "ica": ("ICAModel", "SOURCES", "random_mixing", "sample_ica", "source_log_prob", "source_score",
             "true_log_likelihood"),
@@ -50,7 +53,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                 "inception_score", "kid", "precision_recall"),
     "nets": ("ConvGenerator", "MLPGenerator", "NoiseConditionalConvNet", "NoiseConditionalMLP"),
     "samplers": ("ChainResult", "MHState", "SVGDState", "Sampler", "ULAState", "UnderdampedState", "annealed_langevin",
-                 "hmc", "langevin_step", "mala", "run_chain", "rwmh", "svgd", "svgd_direction", "svgd_median_kernel",
+                 "by_name", "hmc", "langevin_step", "mala", "run_chain", "rwmh", "svgd", "svgd_direction", "svgd_median_kernel",
                  "tempered", "ula", "underdamped_langevin"),
     "score_estimators": ("DEFAULT_ETA_REL", "SSGE", "fit_ssge", "fit_stein_gradient", "ssge", "stein_gradient_estimator",
                          "stein_gradient_predict"),

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._random import _gen_device, randn
+from ._random import rand, randn
 from .distributions import score_from_log_prob
 from .kernels import RBF, gram_and_grad_x_sum, median_heuristic
 
@@ -53,6 +53,7 @@ __all__ = [
     "ULAState",
     "UnderdampedState",
     "annealed_langevin",
+    "by_name",
     "hmc",
     "langevin_step",
     "mala",
@@ -133,10 +134,7 @@ def _sum_event(t: Tensor, n_batch: int) -> Tensor:
 
 def _uniform(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """``U[0, 1)`` draws of ``shape``, made like :func:`stein_core._random.randn`."""
-    u = torch.rand(
-        tuple(shape), generator=generator, device=_gen_device(generator, like.device), dtype=like.dtype
-    )
-    return u.to(like.device)
+    return rand(shape, like=like, generator=generator)
 
 
 def _log_prob_and_score(
@@ -648,6 +646,32 @@ def run_chain(
         accept_rate = (state.n_accepted - n_acc0).to(state.position.dtype) / n_steps
         mean_rate = float(accept_rate.mean())
     return ChainResult(samples, state, accept_rate, mean_rate)
+
+
+def by_name(
+    method: str,
+    log_prob_fn: LogProbFn,
+    step_size: float | Tensor,
+    *,
+    score_fn: ScoreFn | None = None,
+    friction: float | Tensor = 1.0,
+    n_leapfrog: int = 10,
+) -> Sampler:
+    """The sampler ``method`` (``ula``, ``mala``, ``hmc``, ``kinetic``) on the target ``log_prob_fn`` (unnormalised,
+    ``[*chains, *event] -> [*chains]``; ``score_fn`` its gradient, default autograd): the one place where a sample
+    section's ``method`` becomes an ``(init_fn, step_fn)`` pair, for :func:`run_chain`.
+
+    ``friction`` is the kinetic chain's γ, ``n_leapfrog`` HMC's L; each is ignored by the other methods."""
+    score = score_fn if score_fn is not None else score_from_log_prob(log_prob_fn)
+    if method == "ula":
+        return ula(score, step_size)
+    if method == "mala":
+        return mala(log_prob_fn, step_size, score_fn=score)
+    if method == "hmc":
+        return hmc(log_prob_fn, step_size, n_leapfrog, score_fn=score)
+    if method == "kinetic":
+        return underdamped_langevin(score, step_size, friction)
+    raise ValueError(f"unknown MCMC method {method!r} (ula, mala, hmc, kinetic)")
 
 
 # -- annealed Langevin ------------------------------------------------------------

@@ -75,6 +75,10 @@ class GenerativeConfig(_Section):
             key = "evaluate.metrics" if "ksd_model" in ev.metrics else "evaluate.checkpoints.metrics"
             raise KeyedError(key, f"ksd_model needs the model's score, and a {family.name} model has none "
                              f"(families with a score: {', '.join(n for n, f in FAMILIES.items() if f.has_score)})")
+        if "model_log_likelihood" in listed and not family.unnormalised:
+            raise KeyedError("evaluate.metrics", f"model_log_likelihood normalises an energy-based model's density; a "
+                             f"{family.name} model is not one (families: "
+                             f"{', '.join(n for n, f in FAMILIES.items() if f.unnormalised)})")
         if "score_field" in ev.plots and not family.noise_conditional:
             raise KeyedError("evaluate.plots", f"score_field draws a noise-conditional score network's field; a "
                              f"{family.name} model has none")

@@ -225,8 +225,10 @@ class GeneratorSample(_SampleBase):
 
 
 class LatentLangevinSample(_SampleBase):
-    """A generalised energy-based model's samples (Arbel, Zhou & Gretton, ICLR 2021): a Langevin chain in the latent
-    space on U(z) = |z|²/2 + β·E(B(z)) from z_0 ~ N(0, I), then x = B(z). ``method``: ``ula`` (unadjusted, step
+    """A latent-variable model's samples: a Langevin chain in the latent space from z_0 ~ N(0, I), then x = B(z). For a
+    generalised energy-based model (Arbel, Zhou & Gretton, ICLR 2021) the chain runs on U(z) = |z|²/2 + β·E(B(z)); for
+    a latent-space energy-based prior (``latent_ebm``, Pang et al., NeurIPS 2020) on U(z) = |z|²/2 + β·E(z), the
+    prior itself. ``method``: ``ula`` (unadjusted, step
     z ← z − α∇U(z) + √(2α) ξ), ``mala`` (ULA proposals with a Metropolis-Hastings correction: exact for any step) or
     ``kinetic`` (underdamped Langevin, BAOAB, step α, friction γ). β = 0 samples the base alone."""
 
@@ -263,9 +265,37 @@ class SVGDSample(_SampleBase):
     init_scale: float = Field(1.0, gt=0, le=1e6, description="standard deviation of the initial particles")
 
 
+class MCMCSample(_SampleBase):
+    """MCMC on a model with an energy, density ∝ exp(−E(x)/T) (``Family.unnormalised``: the ``ebm``, ``nce`` and
+    ``fce`` families), through ``stein_core.samplers``: ``ula`` (x ← x − α∇E(x)/T + √(2α) ξ), ``mala`` (ULA
+    proposals with a Metropolis-Hastings correction: exact at any step), ``hmc`` (``leapfrog_steps`` leapfrog
+    steps of size α, then MH) or ``kinetic`` (underdamped Langevin, BAOAB, friction γ). Each of ``batch_size``
+    chains gives one sample, its state after ``n_steps`` steps (the chains' final states are the samples).
+    ``start``: ``noise`` (x_0 ~ N(0, init_scale² I)) or ``buffer`` (x_0 drawn from the replay buffer of a
+    persistent-chain training, saved with the model; the chains continue where training left them)."""
+
+    sampler: Literal["mcmc"]
+    method: Literal["ula", "mala", "hmc", "kinetic"] = "mala"
+    step_size: float = Field(1e-2, gt=0, le=10, description="α, the step of the chain (HMC: of each leapfrog step)")
+    n_steps: int = Field(500, ge=1, le=10_000_000)
+    temperature: float = Field(1.0, gt=0, le=1e6, description="T of the target exp(−E(x)/T) (1: the model)")
+    start: Literal["noise", "buffer"] = Field("noise", description="where the chains start")
+    init_scale: float = Field(1.0, gt=0, le=1e6, description="start noise: x_0 ~ N(0, init_scale² I)")
+    friction: float = Field(1.0, gt=0, le=1e6, description="γ of the kinetic chain (kinetic only)")
+    leapfrog_steps: int = Field(10, ge=1, le=10_000, description="L, leapfrog steps per HMC proposal (hmc only)")
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self):
+        for key, method in (("friction", "kinetic"), ("leapfrog_steps", "hmc")):
+            if self.method != method and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} has no effect with method: {self.method} (it is the {method} chain's): "
+                                 f"remove it, or set method: {method}")
+        return self
+
+
 #: A sample section, chosen by its ``sampler`` key.
 SampleSection = Annotated[
-    AnnealedLangevinSample | LangevinSample | GeneratorSample | LatentLangevinSample | SVGDSample,
+    AnnealedLangevinSample | LangevinSample | GeneratorSample | LatentLangevinSample | SVGDSample | MCMCSample,
     Field(discriminator="sampler"),
 ]
 
@@ -296,6 +326,7 @@ METRIC_NAMES = (
     "mode_coverage",     # modes holding at least a quarter of their expected share of the samples (toys)
     "kale",              # KALE(held-out ‖ samples): an energy fitted on one half, the KL lower bound on the other
     "ksd_smoothed",      # KSD of noised samples against the noised true mixture over a σ ladder (toys; Wenliang & Kanagawa)
+    "model_log_likelihood",  # held-out log-density under the learned energy, normalised on a grid; the truth's beside (2-D toys)
 )
 Metric = Literal[METRIC_NAMES]
 Plot = Literal["samples", "score_field", "nearest", "energy"]
@@ -392,7 +423,7 @@ def short_repr(value: Any) -> str:
 #: The tags of the discriminated sections (``prepare.source``, ``sample*.sampler``, ``net.kind``): pydantic puts
 #: the chosen tag into an error's location (``train.agd.lr``), which is not a key of the file.
 UNION_TAGS: set[str] = {"mixture", "ring", "digits", "mnist", "cifar10", "annealed_langevin", "langevin", "generator",
-                        "latent_langevin", "svgd",
+                        "latent_langevin", "svgd", "mcmc",
                         "mlp", "conv", "ica", "energy_mlp"}
 
 

@@ -32,6 +32,12 @@ contract in four ways, each available to every family:
   reduces the gradients itself, ``ctx.average_gradients(module)`` after a backward of a mean of per-example
   terms, or ``ctx.backward_coupled(...)`` and ``ctx.sum_gradients(module)`` for a loss that couples the examples
   of the global batch and needs exact cross-rank terms (a gradient penalty on a witness built from every row).
+
+Training state of a rank's own (persistent MCMC chains, each rank owning its slice of them) is **per-rank**: an
+extra-state object with ``per_rank = True`` has its ``state_dict()`` taken on every rank and saved as the list of
+the ranks' states, and each rank gets its own back on resume. With another number of workers the object's
+``reshard(states, rank, world)`` (a static method; absent: the resume is refused with the worker counts named)
+builds this rank's state from every saved one, so the chains continue as one process would continue them.
 """
 
 from __future__ import annotations
@@ -154,10 +160,15 @@ class TrainState:
 
 class Model:
     """A trained model loaded for use: ``sample(n, generator=...)`` -> ``[n, d]`` (examples flattened; ``shape``
-    is one example's shape), and ``score(x)`` -> ``[n, d]`` where the family has a score (else None)."""
+    is one example's shape), and ``score(x)`` -> ``[n, d]`` where the family has a score (else None). A model of an
+    unnormalised family (:attr:`Family.unnormalised`) also has ``energy(x)`` -> ``[n]`` (density ∝ exp(−E)), its
+    learned ``log_normaliser`` where it learns one (NCE's c: log p = −E − c), and ``chain_start`` (the replay
+    buffer ``[m, d]`` of persistent-chain training, where there is one)."""
 
     shape: tuple[int, ...]
     score: Callable | None = None
+    log_normaliser: float | None = None
+    chain_start: Any = None
 
     def sample(self, n: int, *, generator, callback: Callable[[int], None] | None = None):
         """``n`` samples; ``callback(k)`` reports progress in ``ticks(n)`` ticks."""
@@ -253,6 +264,9 @@ def build_from_checkpoint(ckpt, name: str, allowed: tuple[str | type, ...]):
 #: The samplers that need only a model's score: every family with ``has_score`` can be drawn with them, besides its
 #: own :attr:`Family.samplers` (:func:`tasks.families.loading.load_model` wraps its model, :mod:`tasks.families._svgd`).
 SCORE_SAMPLERS = frozenset({"svgd"})
+#: The samplers that need only a model's energy: every :attr:`Family.unnormalised` family can be drawn with them
+#: (:mod:`tasks.families._mcmc`).
+ENERGY_SAMPLERS = frozenset({"mcmc"})
 
 
 class Family:
@@ -266,6 +280,9 @@ class Family:
     has_score: ClassVar[bool] = False
     #: whether a loaded model (with its family's own sampler) has ``energy(x)`` (the ``energy`` plot draws it)
     has_energy: ClassVar[bool] = False
+    #: whether a loaded model (with no sampler) is an energy-based model: ``energy(x)`` with density ∝ exp(−E(x)) and
+    #: ``score = −∇E`` (``sampler: mcmc`` draws from it; ``model_log_likelihood`` normalises it on a grid)
+    unnormalised: ClassVar[bool] = False
     #: whether it is a noise-conditional score network (``score_field`` plots its field at several noise levels)
     noise_conditional: ClassVar[bool] = False
     #: the step metric drawn in ``plots/<pipeline>/train_loss.csv``'s DVC plot
@@ -277,7 +294,8 @@ class Family:
     def sampler_options(self) -> frozenset[str]:
         """Every ``sampler:`` this family's models can be drawn with: its own :attr:`samplers`, and
         :data:`SCORE_SAMPLERS` where its models have a score."""
-        return self.samplers | SCORE_SAMPLERS if self.has_score else self.samplers
+        return (self.samplers | (SCORE_SAMPLERS if self.has_score else frozenset())
+                | (ENERGY_SAMPLERS if self.unnormalised else frozenset()))
 
     def sampler_refusal(self, sampler: str) -> str | None:
         """Why a sample section with ``sampler: <sampler>`` cannot draw from this family's models (None: it can)."""
@@ -285,7 +303,9 @@ class Family:
         if sampler in options:
             return None
         why = f" ({sampler} runs on the model's score, and a {self.name} model has none)" \
-            if sampler in SCORE_SAMPLERS else ""
+            if sampler in SCORE_SAMPLERS else \
+            f" ({sampler} runs on the model's energy, and a {self.name} model is not an energy-based model)" \
+            if sampler in ENERGY_SAMPLERS else ""
         return (f"a {self.name} model cannot be sampled with {sampler!r}{why} "
                 f"(options: {', '.join(sorted(options)) or 'none'})")
 

@@ -23,13 +23,17 @@ def load_model(path: str | Path, *, device: str = "cpu", sampler=None) -> Model:
     family = get_family(ckpt["family"], path)
     if sampler is not None and (why := family.sampler_refusal(sampler.sampler)) is not None:
         raise ConfigError(path, "sampler", why)
-    by_score = sampler is not None and sampler.sampler not in family.samplers  # svgd: on the family's model's score
+    by_score = sampler is not None and sampler.sampler not in family.samplers  # svgd, mcmc: on the model's score
     try:
         model = family.load(ckpt, device=device, sampler=None if by_score else sampler)
     except ConfigError as exc:  # a check of the checkpoint's contents: it names the key, here the file too
         if exc.path != "checkpoint":
             raise
         raise ConfigError(path, exc.key, exc.message) from None
+    if by_score and sampler.sampler == "mcmc":  # on the model's energy
+        from tasks.families._mcmc import MCMCModel
+
+        return MCMCModel(model, sampler, device=device)
     if by_score:
         from tasks.families._svgd import SVGDModel
 

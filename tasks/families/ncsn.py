@@ -100,7 +100,7 @@ class ScoreNetModel(Model):
     def sample(self, n: int, *, generator, callback=None):
         import torch
 
-        from stein_core.samplers import annealed_langevin, langevin_step
+        from stein_core.samplers import annealed_langevin, run_chain, ula
 
         s = self.sampler
         if s is None:
@@ -113,12 +113,10 @@ class ScoreNetModel(Model):
                 denoise=s.denoise, callback=None if callback is None else (lambda i, _x: callback(1)),
             )
         init_std = s.init_std if s.init_std is not None else float(self.sigmas[0])
-        x = init_std * torch.randn(n, self.dim, generator=generator, device=device)
-        for _ in range(s.n_steps):
-            x = langevin_step(self.score, x, s.step_size, generator=generator)
-            if callback is not None:
-                callback(1)
-        return x
+        x0 = init_std * torch.randn(n, self.dim, generator=generator, device=device)
+        run = run_chain(*ula(self.score, s.step_size), x0, s.n_steps, thin=s.n_steps, generator=generator,
+                        callback=None if callback is None else (lambda i, _state: callback(1)))
+        return run.state.position
 
 
 class NCSNFamily(Family):

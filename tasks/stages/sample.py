@@ -16,7 +16,7 @@ from tasks.families.base import draw_in_batches
 log = logging.getLogger("stein")
 
 _UNITS = {"annealed_langevin": "level", "langevin": "step", "generator": "batch", "latent_langevin": "step",
-          "svgd": "step"}
+          "svgd": "step", "mcmc": "step"}
 
 
 @task(name="sample", cache_policy=NO_CACHE)

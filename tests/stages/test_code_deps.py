@@ -91,7 +91,8 @@ def test_a_stage_depends_on_its_own_family_only():
     stages = _dvc_stages()
     families = {"gmm2d": "ncsn", "digits": "ncsn", "ring8-agd": "agd", "digits-agd": "agd", "ring8-mmd": "mmd",
                 "digits-mmd": "mmd", "gmm2d-blindness": "ncsn", "ring8-gebm": "gebm", "digits-gebm": "gebm",
-                "ring8-mmdgan": "mmdgan", "digits-mmdgan": "mmdgan",
+                "ring8-mmdgan": "mmdgan", "digits-mmdgan": "mmdgan", "ring8-ebm": "ebm", "digits-ebm": "ebm",
+                "ring8-nce": "nce", "ring8-fce": "fce", "digits-latent-ebm": "latent_ebm",
                 # a sweep's stages validate every method's section: every method's family
                 "ica-small": {"ksd", "maxsksd", "lsd"}, "ica": {"ksd", "maxsksd", "lsd"}}
     known = {f for v in families.values() for f in ({v} if isinstance(v, str) else v)}
@@ -107,12 +108,12 @@ def test_a_stage_depends_on_its_own_family_only():
             assert not any(d in ("stein_core", "tasks/families") for d in deps), "code deps are files, not folders"
 
 
-def test_the_critics_module_reruns_the_generator_critic_pipelines_only():
+def test_the_critics_module_reruns_the_critic_and_energy_pipelines_only():
     stages = _dvc_stages()  # (every evaluate stage imports it: the kale metric)
     for name, spec in PIPELINES.items():
         if spec.upstream or spec.is_sweep:  # a sweep: its lsd method has a critic (checked below)
             continue
-        critic = name.endswith(("-gebm", "-mmdgan"))
+        critic = name.endswith(("-gebm", "-mmdgan", "-ebm", "-nce", "-fce"))  # the energy nets are critics' nets
         assert ("stein_core/critics.py" in stages[f"{name}-train"]["deps"]) == critic, name
         assert ("tasks/families/_critic.py" in stages[f"{name}-train"]["deps"]) == critic, name
     assert "stein_core/critics.py" in stages["ica-small-train-lsd"]["deps"]

@@ -44,6 +44,13 @@ FAMILY_CFG = {
     "maxsksd": {"model": {"kind": "ica"}, "variant": "rg", "n_slices": 2, "directions_lr": 0.1, "lr": 3e-3},
     "lsd": {"model": {"kind": "ica"}, "critic_steps": 2, "critic_hidden": 16, "critic_layers": 2, "exact_trace_max_dim": 1,
             "critic_optimizer": _OPT, "lr": 3e-3},
+    # energy-based models: each rank runs its slice of the MALA chains from its part of the replay buffer (the noise
+    # of a RowShard: what one process gives those chains); NCE's noise rows split over the ranks; FCE's flow updates.
+    # The L2 term gives the energy's output bias a gradient (the CD difference alone is blind to a shift of E)
+    "ebm": {"energy": _CRITIC, "negatives": "pcd", "mcmc": "mala", "mcmc_steps": 3, "buffer_size": 64, "reinit": 0.5,
+            "l2": 0.1, "lr": 3e-3},
+    "nce": {"energy": _CRITIC, "lr": 3e-3, "noise_ratio": 2.0, "log_normaliser_init": 0.5},
+    "fce": {"energy": _CRITIC, "lr": 3e-3, "flow_transforms": 2, "flow_hidden": 16, "flow_lr": 3e-3, "flow_steps": 2},
 }
 N_TRAIN = 400
 
@@ -115,3 +122,44 @@ def test_two_workers_take_the_gradient_of_one(family, tmp_path):
     for info in (a, b):  # samples/s x seconds/epoch = the examples of one epoch
         assert info["samples_per_s"] * info["seconds_per_epoch"] == pytest.approx(N_TRAIN, rel=1e-9)
 
+
+
+CHAINS_WORKER = WORKER.replace(
+    'wrap=DistributedDataParallel, hooks=Hooks(on_log=lambda s, m, i: logged.append(i)))',
+    'wrap=DistributedDataParallel, stop_after=int(os.environ["STOP_AFTER"]))',
+).replace('torch.save({"optimizers": state["optimizers"], "logged": logged}, out)', 'torch.save(state, out)')
+
+
+def test_persistent_chains_saved_by_two_workers_continue_on_one_as_one_worker_runs_them(tmp_path):
+    """Per-rank training state end to end: 2 workers run PCD for 3 steps, each owning half of the replay buffer's
+    slots; their checkpoint holds both halves, and one worker resumes from it (the halves resharded into one) to end
+    where one uninterrupted worker ends, weights and every chain. Without the per-rank save the second half of the
+    chains would be lost (rank 0's half loaded everywhere), and without RowShard the ranks' chains would see other
+    noise: either moves the buffer by the chains' noise scale, far above the float32 round-off allowed here."""
+    family = FAMILIES["ebm"]
+    cfg = _cfg("ebm") | {"n_steps": 6, "log_every": 3, "checkpoint_every": 3}
+    env = {**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(REPO), "STOP_AFTER": "3"}
+    out = tmp_path / "chains.pt"
+    procs = [subprocess.Popen([sys.executable, "-c", CHAINS_WORKER, str(r), "2", "ebm", json.dumps(cfg), str(out)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    saved = torch.load(out, weights_only=True)
+    halves = saved["extra"]["buffer"]["ranks"]
+    assert saved["step"] == 3 and [h["x"].shape for h in halves] == [(16, 2, 2), (16, 2, 2)]
+
+    data = torch.randn(N_TRAIN, 2, generator=torch.Generator().manual_seed(0))
+    train = family.config.model_validate(cfg)
+    whole = fit(family, train, data, (2,), device="cpu")
+    resumed = fit(family, train, data, (2,), device="cpu", resume=saved)
+    for k, v in whole["modules"]["energy"].items():
+        torch.testing.assert_close(resumed["modules"]["energy"][k], v, rtol=1e-4, atol=1e-6)
+    (a,), (b,) = whole["extra"]["buffer"]["ranks"], resumed["extra"]["buffer"]["ranks"]
+    assert a["x"].shape == (32, 2, 2)
+    torch.testing.assert_close(b["x"], a["x"], rtol=1e-4, atol=1e-5)

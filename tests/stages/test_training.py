@@ -30,6 +30,13 @@ FAMILY_CFG = {
     "maxsksd": {"model": {"kind": "ica"}, "variant": "rg", "n_slices": 2, "directions_lr": 0.1},
     "lsd": {"model": {"kind": "ica"}, "critic_steps": 2, "critic_hidden": 16, "critic_layers": 2,
             "exact_trace_max_dim": 1, "critic_optimizer": {"lr": 3e-3}},
+    # energy-based models: persistent MALA chains in a replay buffer (per-rank training state), NCE's fitted noise
+    # (extra state fitted at step 0), FCE's flow trained in turn
+    "ebm": {"energy": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "negatives": "pcd", "mcmc": "mala", "mcmc_steps": 3,
+            "buffer_size": 96},
+    "nce": {"energy": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "noise_ratio": 2.0},
+    "fce": {"energy": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "flow_transforms": 2, "flow_hidden": 16,
+            "flow_steps": 2, "flow_lr": 3e-3},
 }
 
 

@@ -13,7 +13,8 @@ from tasks.config.sections import ConfigError, Evaluate
 #: Metrics computed on features of an extractor.
 FEATURE_METRICS = frozenset({"fid", "kid", "inception_score", "precision_recall"})
 #: Metrics that need the true distribution (the mixture a toy pipeline's prepare stage recorded).
-TARGET_METRICS = frozenset({"ksd_target", "ksd_smoothed", "mode_weight", "log_likelihood", "mode_coverage"})
+TARGET_METRICS = frozenset({"ksd_target", "ksd_smoothed", "mode_weight", "log_likelihood", "mode_coverage",
+                            "model_log_likelihood"})
 
 
 #: The key a metric's curve is drawn by (the y of ``plots/<pipeline>/checkpoints.csv`` in dvc.yaml).
@@ -49,7 +50,7 @@ def required_inputs(cfg: Evaluate) -> set[str]:
     if cfg.reference == "train" or "nearest" in cfg.plots:
         need.add("train")
     listed = set(cfg.metrics) | set(cfg.checkpoints.metrics if cfg.checkpoints else ())
-    if "ksd_model" in listed or "score_field" in cfg.plots or "energy" in cfg.plots:
+    if listed & {"ksd_model", "model_log_likelihood"} or "score_field" in cfg.plots or "energy" in cfg.plots:
         need.add("model")
     if cfg.features == "classifier" and listed & FEATURE_METRICS:
         need.add("classifier")
@@ -85,6 +86,9 @@ def check_evaluation(cfg: Evaluate, inputs: EvalInputs, *, metrics: list[str], s
             raise bad("evaluate.plots", f"score_field draws the true score beside the learned one; {inputs.test} records no true distribution")
     if "score_field" in cfg.plots and dim != 2:
         raise bad("evaluate.plots", f"score_field needs 2-D data, {inputs.test} has dimension {dim}")
+    if "model_log_likelihood" in metrics and dim != 2:
+        raise bad("evaluate.metrics", f"model_log_likelihood normalises the energy on a grid in the plane, {inputs.test} "
+                  f"has dimension {dim}")
     if "energy" in cfg.plots and dim != 2:
         raise bad("evaluate.plots", f"energy draws contours in the plane, {inputs.test} has dimension {dim}")
     if "nearest" in cfg.plots and len(shape) != 3:

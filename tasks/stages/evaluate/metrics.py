@@ -352,6 +352,37 @@ def _kale(d: EvalData, s: SampleSet) -> dict[str, float]:
     return {"kale": float(kale_divergence(d.comparison_eval, s.x_eval, generator=d.generator("kale", s.name)))}
 
 
+#: Grid points per axis of ``model_log_likelihood``'s normaliser (400² energies: under a second for the toys' MLPs).
+GRID_POINTS = 400
+
+
+def _model_log_likelihood(d: EvalData) -> dict[str, float]:
+    """The learned density itself on held-out data (2-D toys): ``model_log_likelihood``, the mean of
+    −E(x) − log Z over the comparison set, with log Z = log ∫ exp(−E) by the midpoint rule on a
+    :data:`GRID_POINTS`² grid over the held-out points' box padded by a quarter of its width
+    (``stein_core.ebm.grid_log_normaliser``); ``true_log_likelihood``, the true mixture's mean log-density at the same
+    points (the ceiling); and for a family that learns its normaliser (NCE's c), ``log_normaliser_error`` = c − log Z."""
+    import torch
+
+    from stein_core.ebm import grid_box, grid_log_normaliser
+    from tasks.families.loading import load_model
+
+    model = load_model(d.model_path, device=d.device)
+    x = d.comparison
+    lo, hi = grid_box(torch.cat([x, d.reference]))
+    energy = lambda z: model.energy(z.float().to(d.device)).double().cpu()  # noqa: E731
+    log_z = grid_log_normaliser(energy, lo, hi, n=GRID_POINTS)
+    e = torch.cat([energy(chunk) for chunk in torch.split(x, 65536)])
+    if not torch.isfinite(e).all():
+        raise FloatingPointError(f"the energy of {d.model_path} is not finite at {int((~torch.isfinite(e)).sum())} "
+                                 "held-out points")
+    out = {"model_log_likelihood": float((-e).mean()) - log_z,
+           "true_log_likelihood": float(d.mixture.log_prob(x).mean())}
+    if model.log_normaliser is not None:
+        out["log_normaliser_error"] = model.log_normaliser - log_z
+    return out
+
+
 def _feature_info(d: EvalData) -> dict[str, float]:
     """The classifier's held-out accuracy, logged beside every feature metric it produced."""
     if d.cfg.features != "classifier":
@@ -374,6 +405,7 @@ METRICS: dict[str, Metric] = {
     "precision_recall": Metric(_precision_recall, info=_feature_info),
     "kale": Metric(_kale),
     "ksd_smoothed": Metric(_ksd_smoothed, info=lambda d: {"ksd_smoothed_scale": smoothing_scale(d.cfg, d.mixture)}),
+    "model_log_likelihood": Metric(lambda d, s: {}, per_model=_model_log_likelihood),
 }
 
 

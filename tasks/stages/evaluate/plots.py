@@ -59,8 +59,9 @@ def plot_sample_sets(sets: dict[str, np.ndarray], *, mixture=None, path: Path, t
 
 
 def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, size: int = 150) -> None:
-    """Point sets side by side (a GEBM's samples, its base's, held-out data) over the trained energy E(x): dark where
-    E is low, where the model puts more mass than its base (exp(-E) reweights the base). The shading spans the 2nd
+    """Point sets side by side (a GEBM's samples, its base's, held-out data; an EBM's MCMC samples) over the trained
+    energy E(x): dark where E is low, where the model puts more mass than its base (a GEBM: exp(-E) reweights the
+    base) or simply where its density exp(-E) is high (an energy-based model). The shading spans the 2nd
     to 98th percentile of E at the plotted points: off the base's support the energy is unconstrained by training,
     and its extremes there would wash out the shades that matter."""
     import torch
@@ -69,7 +70,10 @@ def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, si
     from tasks.config.sections import LatentLangevinSample
 
     plt = _pyplot()
-    model = load_model(model_path, sampler=LatentLangevinSample(sampler="latent_langevin"))
+    model = load_model(model_path)
+    ebm = callable(getattr(model, "energy", None))  # an energy-based model: density ∝ exp(-E) itself
+    if not ebm:  # a GEBM: its energy comes with its latent sampler and reweights the base
+        model = load_model(model_path, sampler=LatentLangevinSample(sampler="latent_langevin"))
     sets = {k: np.asarray(v)[:, :2] for k, v in sets.items()}
     pts = np.concatenate(list(sets.values()))
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
@@ -88,7 +92,8 @@ def plot_energy(sets: dict[str, np.ndarray], *, model_path: Path, path: Path, si
         ax.set_title(f"{name}, n={len(p)}")
         ax.set_aspect("equal")
     fig.colorbar(shade, ax=list(np.atleast_1d(axes)), shrink=0.8, label="E(x) (clipped to the 2nd-98th percentile at the points)")
-    fig.suptitle("trained energy E(x): dark = low energy, where exp(-E) moves the base's mass")
+    fig.suptitle("trained energy E(x): dark = low energy, " + ("high density exp(-E)" if ebm else
+                                                                  "where exp(-E) moves the base's mass"))
     _save(fig, path)
 
 

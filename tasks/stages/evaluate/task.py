@@ -120,7 +120,9 @@ def _plots(cfg: Evaluate, data: EvalData, samples: dict, metrics: dict[str, floa
             plots.plot_sample_sets({"held-out data": test_x, **{label(k): ds.x for k, ds in samples.items()}},
                                    mixture=data.mixture if data.dim == 2 else None, path=plots_dir / "samples.png", title=title)
     if "energy" in cfg.plots:
-        plots.plot_energy({**{("model (latent Langevin)" if k == "samples" else k): ds.x for k, ds in samples.items()},
+        chain = {"latent_langevin": "latent Langevin", "mcmc": "MCMC"}.get(
+            str(samples["samples"].metadata.get("source")) if "samples" in samples else "", "samples")
+        plots.plot_energy({**{(f"model ({chain})" if k == "samples" else k): ds.x for k, ds in samples.items()},
                            "held-out data": test_x},
                           model_path=data.model_path, path=plots_dir / "energy.png")
     first = next(iter(samples.values()))

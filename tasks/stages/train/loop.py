@@ -111,6 +111,41 @@ def _first_nonfinite(metrics: dict[str, tuple[float, int]], modules: dict[str, A
     return None
 
 
+def _gather_states(state: Any, world: int) -> list:
+    """Every rank's ``state`` (a per-rank extra's ``state_dict()``), in rank order, its tensors on the CPU: a
+    collective, which every rank calls at the same step (a snapshot)."""
+    import torch
+
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _rank_state(obj: Any, name: str, saved: Any, rank: int, world: int) -> Any:
+    """This rank's state of the per-rank extra ``name`` from a checkpoint's list of every rank's: its own with
+    as many workers as saved it, else what the object's ``reshard`` makes of them; a ConfigError when it has none."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("ranks"), list) and saved["ranks"]):
+        raise ConfigError("checkpoint", f"extra.{name}", "not the per-rank state of this training (a checkpoint "
+                          "of another version?): start the training afresh")
+    states = saved["ranks"]
+    if len(states) == world:
+        return states[rank]
+    reshard = getattr(type(obj), "reshard", None)
+    if reshard is None:
+        raise ConfigError("checkpoint", f"extra.{name}", f"saved by {len(states)} workers, each with its own part; "
+                          f"it cannot be split over {world}: resume with {len(states)} workers")
+    return reshard(states, rank, world)
+
+
+def _extra_state(obj: Any, world: int) -> Any:
+    return {"ranks": _gather_states(obj.state_dict(), world)} if getattr(obj, "per_rank", False) else obj.state_dict()
+
+
 @dataclass
 class Hooks:
     """What the loop reports: ``on_log(step, metrics, info)`` every ``log_every`` steps (rank 0; metrics
@@ -191,9 +226,12 @@ def fit(
     if resume is not None:
         for k, m in modules.items():
             m.load_state_dict(resume["modules"][k])
-        for group, objs in (("optimizers", optimizers), ("schedulers", schedulers), ("extra", extra)):
+        for group, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
             for k, obj in objs.items():
                 obj.load_state_dict(resume[group][k])
+        for k, obj in extra.items():  # a per-rank extra (MCMC chains): this rank's part, or a resharding of all
+            saved = resume["extra"][k]
+            obj.load_state_dict(_rank_state(obj, k, saved, rank, world) if getattr(obj, "per_rank", False) else saved)
         start, history = resume["step"], [dict(h) for h in resume["history"]]
         heldout_rows, train_seconds = [dict(h) for h in resume["heldout"]], float(resume["train_seconds"])
     steps_per_epoch = n / cfg.batch_size
@@ -208,7 +246,7 @@ def fit(
             "model_args": {k: dict(m.model_args) for k, m in modules.items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "extra": {k: e.state_dict() for k, e in extra.items()},
+            "extra": {k: _extra_state(e, world) for k, e in extra.items()},
             "history": [dict(h) for h in history], "heldout": [dict(h) for h in heldout_rows],
             "train_seconds": train_seconds,
         })
