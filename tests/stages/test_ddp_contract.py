@@ -51,6 +51,10 @@ FAMILY_CFG = {
             "l2": 0.1, "lr": 3e-3},
     "nce": {"energy": _CRITIC, "lr": 3e-3, "noise_ratio": 2.0, "log_normaliser_init": 0.5},
     "fce": {"energy": _CRITIC, "lr": 3e-3, "flow_transforms": 2, "flow_hidden": 16, "flow_lr": 3e-3, "flow_steps": 2},
+    # the latent EBM: posterior and prior chains per rank on its rows (RowShard), both modules' gradients averaged;
+    # the L2 term gives the prior's output bias a gradient
+    "latent_ebm": {"net": _GEN, "prior": {"hidden": 16, "n_layers": 2}, "langevin": "mala", "posterior_steps": 3,
+                   "prior_steps": 3, "l2": 0.1, "prior_optimizer": _OPT, "generator_optimizer": _OPT},
 }
 N_TRAIN = 400
 

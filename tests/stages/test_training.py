@@ -37,12 +37,15 @@ FAMILY_CFG = {
     "nce": {"energy": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "noise_ratio": 2.0},
     "fce": {"energy": {"kind": "mlp", "hidden": 16, "n_layers": 2}, "flow_transforms": 2, "flow_hidden": 16,
             "flow_steps": 2, "flow_lr": 3e-3},
+    "latent_ebm": {"net": {"kind": "mlp", "latent_dim": 2, "hidden": 16, "n_layers": 2}, "prior": {"hidden": 16},
+                   "posterior_steps": 3, "prior_steps": 3, "prior_optimizer": {"lr": 3e-3},
+                   "generator_optimizer": {"lr": 3e-3}},
 }
 
 
 def _cfg(family: str, **kw):
     base = {"family": family, "n_steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 10}
-    if "critic_optimizer" not in FAMILY_CFG[family] or family == "lsd":  # lsd: the model's own lr beside
+    if not any(k.endswith("_optimizer") for k in FAMILY_CFG[family]) or family == "lsd":  # lsd: the model's own lr beside
         base["lr"] = 3e-3
     return FAMILIES[family].config.model_validate(base | FAMILY_CFG[family] | kw)
 
