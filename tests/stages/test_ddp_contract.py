@@ -88,10 +88,13 @@ def _first_moments(state: dict) -> dict[str, torch.Tensor]:
     return {f"{opt}.{i}": s["exp_avg"] for opt, sd in state["optimizers"].items() for i, s in sd["state"].items()}
 
 
-def _two_workers(family: str, tmp_path: Path) -> dict:
-    env = {**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+def _two_workers(family: str, tmp_path: Path, *, cfg: dict | None = None, script: str = WORKER,
+                 env: dict[str, str] | None = None) -> dict:
+    """What rank 0 of 2 gloo workers running ``script`` with ``cfg`` (default: the family's one-step config) saved."""
+    env = {**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(REPO), **(env or {})}
     out = tmp_path / f"{family}.pt"
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), "2", family, json.dumps(_cfg(family)), str(out)],
+    cfg = _cfg(family) if cfg is None else cfg
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), "2", family, json.dumps(cfg), str(out)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
     try:
@@ -142,19 +145,7 @@ def test_persistent_chains_saved_by_two_workers_continue_on_one_as_one_worker_ru
     noise: either moves the buffer by the chains' noise scale, far above the float32 round-off allowed here."""
     family = FAMILIES["ebm"]
     cfg = _cfg("ebm") | {"n_steps": 6, "log_every": 3, "checkpoint_every": 3}
-    env = {**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(REPO), "STOP_AFTER": "3"}
-    out = tmp_path / "chains.pt"
-    procs = [subprocess.Popen([sys.executable, "-c", CHAINS_WORKER, str(r), "2", "ebm", json.dumps(cfg), str(out)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    saved = torch.load(out, weights_only=True)
+    saved = _two_workers("ebm", tmp_path, cfg=cfg, script=CHAINS_WORKER, env={"STOP_AFTER": "3"})
     halves = saved["extra"]["buffer"]["ranks"]
     assert saved["step"] == 3 and [h["x"].shape for h in halves] == [(16, 2, 2), (16, 2, 2)]
 
