@@ -81,13 +81,8 @@ class GEBMModel(Model):
 
         s = self.s
         log_prob = latent_log_prob(self.generator, lambda x: self.energy_net(x).squeeze(-1), s.beta)
-        score = score_from_log_prob(log_prob)
-        if s.method == "ula":
-            chain = samplers.ula(score, s.step_size)
-        elif s.method == "mala":
-            chain = samplers.mala(log_prob, s.step_size, score_fn=score)
-        else:
-            chain = samplers.underdamped_langevin(score, s.step_size, s.friction)
+        chain = samplers.by_name(s.method, log_prob, s.step_size, score_fn=score_from_log_prob(log_prob),
+                                 friction=s.friction)
         z0 = torch.randn(n, self.generator.latent_dim, generator=generator, device=self.device)
         state = chain.init_fn(z0, generator=generator)
         for _ in range(s.n_steps):
