@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,9 +50,10 @@ def dvc_repro(targets: list[str], *, root: Path, parent_run_id: str, force: bool
     """``dvc repro`` of ``targets``. A failing stage records its error (:func:`flows.local.record_stage_error`),
     and that error, not DVC's generic exit status, is what this raises: the stage's own message and exit code."""
     args = ["repro", *(["--force"] if force else []), *targets]
-    with tempfile.TemporaryDirectory(prefix="stein-repro-") as d:
+    with tempfile.TemporaryDirectory(prefix="stein-repro-") as d, _shared_ray(root) as ray_env:
         errfile = Path(d) / "stage-error.json"
-        proc = dvc(*args, root=root, env=tool_env({PARENT_ENV: parent_run_id, STAGE_ERROR_ENV: str(errfile)}))
+        env = tool_env({PARENT_ENV: parent_run_id, STAGE_ERROR_ENV: str(errfile)} | ray_env)
+        proc = dvc(*args, root=root, env=env)
         if proc.returncode != 0:
             stage_error = read_stage_error(errfile)
             if stage_error is not None:
@@ -59,6 +61,19 @@ def dvc_repro(targets: list[str], *, root: Path, parent_run_id: str, force: bool
             errors = [ln for ln in (proc.stderr or "").splitlines() if ln.startswith("ERROR")]
             cause = errors[-1] if errors else f"exit code {proc.returncode}"
             raise StageFailed(f"`dvc {' '.join(args)}`: {cause}")
+
+
+def _shared_ray(root: Path) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """The pipeline's one local Ray (:func:`tasks.infra.cluster.pipeline_ray`), started in the background for the
+    stages to join, or nothing (an empty environment) when they join a cluster (``RAY_ADDRESS``) or
+    ``STEIN_PIPELINE_RAY=false`` asks each stage to start its own."""
+    from tasks.infra.cluster import pipeline_ray
+    from tasks.infra.runtime import load_settings
+
+    settings = load_settings()
+    if settings.resolved_ray_address() or not settings.pipeline_ray:
+        return contextlib.nullcontext({})
+    return pipeline_ray(root, num_cpus=max(os.cpu_count() or 1, settings.num_workers))
 
 
 def _client(root: Path):

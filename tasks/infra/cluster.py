@@ -16,10 +16,11 @@ launcher starts the node the way ``ray start --block`` does (``ray._private.node
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +139,16 @@ def _node_env(token_path: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _process(rec: dict[str, Any]):
-    """The live process of a node record, or None (gone, or its PID now belongs to another process)."""
+def _process(rec: dict[str, Any], exact: bool = True):
+    """The live process of a node record, or None (gone, or its PID now belongs to another process; ``exact=False``:
+    a record without a start time, taken by its PID alone)."""
     import psutil
 
-    if rec.get("pid") is None:
+    if not rec.get("pid"):
         return None
     try:
         p = psutil.Process(rec["pid"])
-        if abs(p.create_time() - rec["create_time"]) > 0.5 or p.status() == psutil.STATUS_ZOMBIE:
+        if (exact and abs(p.create_time() - rec["create_time"]) > 0.5) or p.status() == psutil.STATUS_ZOMBIE:
             return None
         return p
     except psutil.NoSuchProcess:
@@ -158,12 +160,14 @@ def node_alive(rec: dict[str, Any]) -> bool:
 
 
 def _spawn_node(root: Path, *, name: str, head: bool, port: int, num_cpus: int, object_store_bytes: int,
-                token_path: Path):
-    """Start one node's launcher in its own session (its own process group); return (Popen, ready file)."""
+                token_path: Path, where: Path | None = None, with_parent: bool = False):
+    """Start one node's launcher in its own session (its own process group); return (Popen, ready file). Its ready
+    file and log go under ``where`` (default: the project's cluster folder); ``with_parent``: the node stops when
+    this process is gone, however it ended."""
     import subprocess
     import sys
 
-    d = cluster_dir(root)
+    d = where or cluster_dir(root)
     (d / "logs").mkdir(parents=True, exist_ok=True)
     (d / "nodes").mkdir(exist_ok=True)
     ready = d / "nodes" / f"{name}.json"
@@ -171,6 +175,7 @@ def _spawn_node(root: Path, *, name: str, head: bool, port: int, num_cpus: int, 
     cmd = [sys.executable, "-m", "tasks.infra.cluster", "--name", name, "--num-cpus", str(num_cpus),
            "--object-store-bytes", str(object_store_bytes), "--ready-file", str(ready)]
     cmd += ["--head", "--port", str(port)] if head else ["--address", f"127.0.0.1:{port}"]
+    cmd += ["--parent-pid", str(os.getpid())] if with_parent else []
     env = _node_env(token_path, port)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")) if p)
     with open(d / "logs" / f"{name}.log", "ab") as log_file:
@@ -346,6 +351,91 @@ def cluster_up(root: Path, nodes: int | None, cpus_per_node: int | None, *, time
                     _kill_unready(rec)
 
 
+#: ``stein run``'s own Ray (:func:`pipeline_ray`): a folder per run under the state dir (token, ready file, log).
+PIPELINE_RAY_SUBDIR = "pipeline-ray"
+#: What the stages of a pipeline run are told about its Ray: the launcher's ready file and the launcher's PID.
+PIPELINE_RAY_ENV = "STEIN_PIPELINE_RAY_READY"
+PIPELINE_RAY_PID_ENV = "STEIN_PIPELINE_RAY_PID"
+PIPELINE_RAY_NODE = "stein-pipeline"
+
+
+@contextlib.contextmanager
+def pipeline_ray(root: Path, num_cpus: int) -> Iterator[dict[str, str]]:
+    """One local Ray for a whole pipeline run; yields the environment its stages need to join it.
+
+    Without it every stage that uses Ray (train, evaluate's checkpoint tasks, a sweep's trainings) starts a Ray of
+    its own and stops it again: a few seconds each, on the way to the stage's own work. Here one head node starts
+    when the pipeline does, in the background (a launcher, as for :func:`cluster_up`: 127.0.0.1 only, token auth
+    with a token file of this run only, no dashboard), while the first stages (prepare) run; a stage that needs
+    Ray waits for it (:func:`pipeline_ray_ready`) and joins it through ``RAY_ADDRESS``, as it would join any
+    cluster. The node stops when the block ends, and by itself when this process is gone, however it ended (its
+    launcher watches its parent): a killed ``stein run`` leaves no Ray behind. The run's folder (token, ready
+    file) goes with it; the node's log is kept as ``.stein/pipeline-ray/last-node.log``."""
+    import json
+    import secrets
+    import shutil
+    import tempfile
+
+    import psutil
+
+    from tasks.infra.runtime import state_dir
+
+    base = state_dir(root) / PIPELINE_RAY_SUBDIR
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="run-", dir=base))  # owner-only (0700): the token lives here
+    token_path = d / "token"
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    port = free_port()
+    proc, ready = _spawn_node(root, name=PIPELINE_RAY_NODE, head=True, port=port, num_cpus=num_cpus,
+                              object_store_bytes=_object_store_bytes(1), token_path=token_path, where=d,
+                              with_parent=True)
+    try:
+        rec: dict[str, Any] = {"name": PIPELINE_RAY_NODE, "pid": proc.pid,
+                               "create_time": psutil.Process(proc.pid).create_time()}
+    except psutil.NoSuchProcess:  # the launcher already failed: the stages find it gone and start their own
+        rec = {"name": PIPELINE_RAY_NODE, "pid": None, "create_time": 0.0}
+    env = client_env({"address": f"127.0.0.1:{port}", "token_path": str(token_path)})
+    env |= {PIPELINE_RAY_ENV: str(ready), PIPELINE_RAY_PID_ENV: str(proc.pid)}
+    try:
+        yield env
+    finally:
+        if ready.is_file():  # the node's processes as the launcher recorded them, killed by PID if need be
+            rec["procs"] = json.loads(ready.read_text()).get("procs", [])
+        stop_node(rec)
+        proc.poll()
+        with contextlib.suppress(OSError):
+            os.replace(d / "logs" / f"{PIPELINE_RAY_NODE}.log", base / "last-node.log")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def pipeline_ray_ready(timeout_s: float = 180.0, poll_s: float = 0.1) -> bool:
+    """In a stage of a pipeline run with its own Ray (``STEIN_PIPELINE_RAY_READY`` set): wait until that Ray is up.
+    True when it is; False when its launcher is gone or it did not come up within ``timeout_s`` (the stage then
+    starts a Ray of its own, as a stage run alone does)."""
+    import psutil
+
+    ready = Path(os.environ[PIPELINE_RAY_ENV])
+    launcher = _process({"pid": int(os.environ.get(PIPELINE_RAY_PID_ENV, "0") or 0), "create_time": 0.0}, exact=False)
+    deadline = time.monotonic() + timeout_s
+    while not ready.is_file():
+        if launcher is None or not _running(launcher) or time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _running(p) -> bool:
+    """Whether a psutil process still runs (a dead child its parent has not reaped yet is a zombie)."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _kill_unready(rec: dict[str, Any]) -> None:
     """Stop a launcher that never reported ready (its create_time unknown): by its process group."""
     import signal
@@ -433,6 +523,8 @@ def _node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, required=True)
     parser.add_argument("--object-store-bytes", type=int, required=True)
     parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--parent-pid", type=int,
+                        help="stop the node once this process (the one that started the launcher) is gone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tasks.infra.runtime import apply_offline_env
@@ -476,6 +568,17 @@ def _node_main(argv: list[str] | None = None) -> int:
     log.info("node %s (%s) up at %s in %.1f s", args.name, node.node_id, node.gcs_address, info["start_seconds"])
     while True:
         time.sleep(0.5)
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:  # re-parented: its starter died
+            log.error("node %s: the process that started it (pid %d) is gone: stopping the node", args.name,
+                      args.parent_pid)
+            # Every descendant, listed before any is killed: the raylet's agents (runtime env, dashboard agent) and
+            # workers are its children, and once the raylet is gone they would no longer be found under this one.
+            procs = psutil.Process().children(recursive=True)
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+            for q in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    q.kill()
+            os._exit(1)
         dead = node.dead_processes()
         if dead:
             log.error("node %s: %s exited (%s): stopping the node's other processes", args.name,

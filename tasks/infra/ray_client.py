@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config.sections import ConfigError
-from tasks.infra.cluster import _RAY_LOCAL_ONLY_ENV, _loopback_interface, _use_cluster_auth, node_alive, recorded_cluster_for
+from tasks.infra.cluster import (
+    _RAY_LOCAL_ONLY_ENV,
+    PIPELINE_RAY_ENV,
+    PIPELINE_RAY_PID_ENV,
+    PIPELINE_RAY_SUBDIR,
+    _loopback_interface,
+    _use_cluster_auth,
+    node_alive,
+    pipeline_ray_ready,
+    recorded_cluster_for,
+)
 from tasks.infra.runtime import OFFLINE_ENV, RuntimeSettings
 
 log = logging.getLogger("stein")
@@ -36,7 +46,7 @@ def ray_runtime_env(settings: RuntimeSettings, root: Path, threads: int) -> dict
         "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p),
     }
     mlflow_env = ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME"]
-    if settings.resolved_ray_address():
+    if settings.resolved_ray_address() and not os.environ.get(PIPELINE_RAY_ENV):  # the pipeline's Ray is local
         mlflow_env += ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"]
     env |= {k: os.environ[k] for k in mlflow_env if os.environ.get(k)}
     # tasks.infra.ray_worker.setup runs first in every worker: RAY_ADDRESS set to the worker's own cluster (Train's
@@ -89,7 +99,19 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
         if ray.is_initialized():
             return False
         extra = {}
-        if (cluster := recorded_cluster_for(address, root)) is not None:
+        if os.environ.get(PIPELINE_RAY_ENV):  # `stein run`'s own Ray: wait until it is up, then join it
+            t0 = time.perf_counter()
+            if not pipeline_ray_ready():
+                log.warning("the pipeline's Ray did not come up (its log: .stein/%s/last-node.log, once the run "
+                            "ends): this stage starts a Ray of its own", PIPELINE_RAY_SUBDIR)
+                for key in (PIPELINE_RAY_ENV, PIPELINE_RAY_PID_ENV, "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+                    os.environ.pop(key, None)
+                return init_ray(settings, root, threads)
+            if (waited := time.perf_counter() - t0) > 0.5:
+                log.info("waited %.1f s for the pipeline's Ray to come up", waited)
+            _use_cluster_auth(os.environ["RAY_AUTH_TOKEN_PATH"])
+            extra["logging_config"] = ray.LoggingConfig(log_level="ERROR")
+        elif (cluster := recorded_cluster_for(address, root)) is not None:
             if not node_alive(cluster["nodes"][0]):
                 raise ConfigError("environment or runtime.env", "RAY_ADDRESS", f"{address} is this project's local "
                                   "cluster, and its head is not running: `stein cluster up` starts it again")
@@ -100,7 +122,8 @@ def init_ray(settings: RuntimeSettings, root: Path, threads: int) -> bool:
         t0 = time.perf_counter()
         with _driver_logging_kept():
             ray.init(address=address, runtime_env=ray_runtime_env(settings, root, threads), log_to_driver=True, **extra)
-        log.info("Ray joined at %s in %.1f s", address, time.perf_counter() - t0)
+        which = "the pipeline's Ray" if os.environ.get(PIPELINE_RAY_ENV) else "Ray"
+        log.info("%s joined at %s in %.1f s", which, address, time.perf_counter() - t0)
         return True
 
     os.environ[_RAY_LOCAL_ONLY_ENV] = "0"

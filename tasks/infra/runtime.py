@@ -123,6 +123,12 @@ class RuntimeSettings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (also read from RAY_ADDRESS); unset starts a local Ray."
     )
+    pipeline_ray: bool = Field(
+        True,
+        description="A pipeline run (`stein run`, a scheduled run) starts one local Ray for all its stages, which "
+        "join it; false: each stage that uses Ray starts its own, as a stage run alone always does. Not used when "
+        "RAY_ADDRESS names a cluster.",
+    )
     elastic_resize_s: float = Field(
         60.0, ge=1, le=86_400,
         description="Elastic training (STEIN_NUM_WORKERS=MIN-MAX): how often Ray Train looks for room to grow the "
