@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class ConfigError(ValueError):
@@ -154,7 +154,8 @@ class TrainBase(_Section):
 
     Minibatches are a pure function of ``(seed, step)``: every step draws ``batch_size`` examples (the *global*
     batch) from a generator seeded by the pair, and with N Ray Train workers rank r takes its slice, so that N
-    workers compute what one worker computes (``batch_size`` must then be a multiple of N)."""
+    workers compute what one worker computes (``batch_size`` must then be a multiple of N). ``compile: true`` runs
+    the step under ``torch.compile`` (off by default: the step runs eagerly, as it always did)."""
 
     family: str
     seed: Seed = 1
@@ -167,6 +168,21 @@ class TrainBase(_Section):
         "logs their MMD² to the held-out split as train/mmd_heldout; 0 turns it off"
     )
     heldout_n: int = Field(500, ge=4, le=100_000, description="samples (and held-out points) of train/mmd_heldout")
+    compile: bool = Field(
+        False, description="run the family's training step under torch.compile (the modules, their checkpoint keys "
+        "and the EMA are untouched); the first steps pay the compilation. Weights agree with an eager run's to "
+        "round-off, not bit for bit; a step torch.compile cannot run (a double backward) fails naming train.compile"
+    )
+
+    @model_serializer(mode="wrap")
+    def _eager_as_before(self, handler):
+        """A dump leaves out ``compile: false``: an eager training is the one it always was, so the model file
+        (which carries its train section), the Ray Train run name (a digest of it) and the worker's config stay
+        byte for byte what they were before the option existed; ``compile: true`` is kept and recorded."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.compile:
+            data.pop("compile", None)
+        return data
 
     @model_validator(mode="after")
     def _check_loop(self):

@@ -155,3 +155,50 @@ def test_wrapped_models_are_unwrapped(tmp_path):
         assert torch.equal(ddp.module.lin.weight, model.lin.weight)
     finally:
         dist.destroy_process_group()
+
+
+def _old_update(ema, model):
+    """``EMA.update`` before it used ``torch._foreach_lerp_``: one ``lerp_`` per floating parameter."""
+    w = 1.0 - ema.decay
+    with torch.no_grad():
+        for name, value in ema._state(model).items():
+            shadow = ema.shadow[name]
+            if name in ema._param_names and shadow.is_floating_point():
+                shadow.lerp_(value.detach().to(shadow.dtype), w)
+            else:
+                shadow.copy_(value.detach())
+    ema.num_updates += 1
+
+
+class Mixed(nn.Module):
+    """Parameters of two dtypes and odd sizes (a foreach kernel's chunking), a float and an integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(37, 129)
+        self.b = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+        self.register_buffer("stat", torch.zeros(3))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999, 0.9999])
+def test_the_foreach_update_is_bit_identical_to_one_lerp_per_tensor(decay):
+    """``torch._foreach_lerp_`` over all floating shadows (one call, the same weight) gives exactly the bits of the
+    per-tensor ``lerp_`` it replaced, with buffers copied and a weight that never moves kept exactly."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(4)
+    model = Mixed().to(device)
+    new, old = EMA(model, decay=decay), EMA(model, decay=decay)
+    for t in range(6):
+        with torch.no_grad():
+            for p in (model.a.weight, model.a.bias, model.b):  # `frozen` never moves
+                p.add_(torch.randn_like(p) * 10.0 ** (t - 3))
+            model.stat.add_(1.5)
+            model.count.add_(2)
+        new.update(model)
+        _old_update(old, model)
+        for k in old.shadow:
+            assert old.shadow[k].dtype == new.shadow[k].dtype and torch.equal(new.shadow[k], old.shadow[k]), k
+    assert new.num_updates == old.num_updates == 6
+    assert torch.equal(new.shadow["frozen"], model.frozen) and new.shadow["count"].item() == 12
