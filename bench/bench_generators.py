@@ -13,6 +13,11 @@ batch), backward, Adam update. The parts, timed on their own:
 * generator: forward of G, backward of a fixed linear loss through G, Adam update (the same for both).
 * rest: the full step minus the parts (MMD: mostly the backward through the Gram matrices; AGD: the small
   surrogate and glue).
+* median before: :func:`median_heuristic_before`, a copy of ``stein_core.kernels.median_heuristic`` as it was
+  before issue 24 (the pairs gathered with ``triu_indices``, a per-pair tolerance, ``median``), timed beside
+  the current one on the same points; its value is checked to equal the current bandwidth bit for bit. The
+  median's share of a step is reported for both: the current ``median / step`` and, for the copy, the step it
+  would take, ``median_before / (step - median + median_before)``.
 
 Each (n, d) runs every timed function once per round, in a rotating order, for ``--repeats`` rounds after a
 warm-up round (so that a change in the load of a shared machine hits all alike), and reports medians; the
@@ -33,7 +38,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("agd_step", "mmd_step", "agd_kernel", "agd_solve", "mmd_kernel", "median", "generator")
+PARTS = ("agd_step", "mmd_step", "agd_kernel", "agd_solve", "mmd_kernel", "median", "median_before", "generator")
+
+
+def median_heuristic_before(x, y=None):
+    """``stein_core.kernels.median_heuristic(x, y)`` as it was before issue 24 (no subsampling), for timing."""
+    import torch
+
+    from stein_core.kernels import _COINCIDE_ROUNDOFF, sq_dists
+
+    z = (x if y is None else torch.cat([x, y], dim=-2)).detach()
+    n, d = z.shape[-2], z.shape[-1]
+    r2 = sq_dists(z, z)
+    iu = torch.triu_indices(n, n, offset=1, device=z.device)
+    pairs = r2[..., iu[0], iu[1]]
+    zc = z - z.mean(dim=-2, keepdim=True)
+    norm2 = (zc * zc).sum(-1)
+    tol = (_COINCIDE_ROUNDOFF * d**0.5 * torch.finfo(z.dtype).eps) * (norm2[..., iu[0]] + norm2[..., iu[1]])
+    coincide = pairs <= tol
+    pairs = pairs.masked_fill(coincide, 0.0)
+    med = pairs.median(dim=-1).values
+    degenerate = med <= 0
+    if bool(degenerate.any()):
+        if bool(coincide.all(dim=-1).any()):
+            raise ValueError("all points coincide")
+        nonzero_med = pairs.masked_fill(coincide, float("nan")).nanmedian(dim=-1).values
+        med = torch.where(degenerate, nonzero_med, med)
+    return torch.sqrt(med / 2.0)
 
 
 def make_timers(n: int, d: int, *, estimator: str, device: str) -> dict:
@@ -41,7 +72,7 @@ def make_timers(n: int, d: int, *, estimator: str, device: str) -> dict:
     import torch
 
     from stein_core.generators import get_agd_loss_fn, get_kernel_fn, get_mmd_loss_fn
-    from stein_core.kernels import gram_and_grad_x_sum
+    from stein_core.kernels import gram_and_grad_x_sum, median_heuristic
     from stein_core.nets import MLPGenerator
     from stein_core.score_estimators import _psd_solve, _ridge
 
@@ -103,6 +134,12 @@ def make_timers(n: int, d: int, *, estimator: str, device: str) -> dict:
     def median():
         kernel_fn(x0, y)  # the median heuristic of the pooled batch: the part of "kernel" both losses share
 
+    if not torch.equal(median_heuristic_before(x0, y), median_heuristic(x0, y)):
+        raise AssertionError(f"n={n} d={d}: the median heuristic's bandwidth differs from the copy before issue 24")
+
+    def median_before():
+        median_heuristic_before(x0, y)
+
     def generator():
         opt.zero_grad(set_to_none=True)
         (net(z) * probe).sum().backward()
@@ -115,6 +152,7 @@ def make_timers(n: int, d: int, *, estimator: str, device: str) -> dict:
         "agd_solve": timed(agd_solve),
         "mmd_kernel": timed(mmd_kernel),
         "median": timed(median),
+        "median_before": timed(median_before),
         "generator": timed(generator),
     }
 
@@ -135,6 +173,10 @@ def time_config(n: int, d: int, *, repeats: int, estimator: str, device: str) ->
     row["agd_rest_ms"] = ms["agd_step"] - ms["agd_kernel"] - ms["agd_solve"] - ms["generator"]
     row["mmd_rest_ms"] = ms["mmd_step"] - ms["mmd_kernel"] - ms["generator"]
     row["ratio_agd_mmd"] = ms["agd_step"] / ms["mmd_step"]
+    for step in ("agd", "mmd"):  # the median heuristic's share of a step, now and with the copy from before
+        t = ms[f"{step}_step"]
+        row[f"median_share_{step}"] = ms["median"] / t
+        row[f"median_before_share_{step}"] = ms["median_before"] / (t - ms["median"] + ms["median_before"])
     # On a loaded machine a unit is only ever slowed down: the fastest round is a second, load-robust estimate.
     row["ratio_agd_mmd_min"] = best["agd_step"] / best["mmd_step"]
     return row
@@ -143,15 +185,18 @@ def time_config(n: int, d: int, *, repeats: int, estimator: str, device: str) ->
 def markdown(rows: list[dict]) -> str:
     """Medians in ms; the last column is the ratio of the fastest rounds."""
     head = ("| n | d | agd ms/step | mmd ms/step | agd / mmd | agd kernel | agd solve | agd generator | agd rest "
-            "| mmd kernel | mmd generator | mmd rest | of which median | agd / mmd (fastest) |")
-    lines = [head, "|" + "---|" * 14]
+            "| mmd kernel | mmd generator | mmd rest | of which median | median before | agd / mmd (fastest) "
+            "| median share of agd / mmd step | before |")
+    lines = [head, "|" + "---|" * 17]
     for r in rows:
         cells = [r["agd_step_ms"], r["mmd_step_ms"]]
         parts = [r["agd_kernel_ms"], r["agd_solve_ms"], r["generator_ms"], r["agd_rest_ms"],
-                 r["mmd_kernel_ms"], r["generator_ms"], r["mmd_rest_ms"], r["median_ms"]]
+                 r["mmd_kernel_ms"], r["generator_ms"], r["mmd_rest_ms"], r["median_ms"], r["median_before_ms"]]
         lines.append(f"| {r['n']} | {r['d']} | " + " | ".join(f"{v:.2f}" for v in cells)
                      + f" | {r['ratio_agd_mmd']:.2f} | " + " | ".join(f"{v:.2f}" for v in parts)
-                     + f" | {r['ratio_agd_mmd_min']:.2f} |")
+                     + f" | {r['ratio_agd_mmd_min']:.2f}"
+                     + f" | {100 * r['median_share_agd']:.1f}% / {100 * r['median_share_mmd']:.1f}%"
+                     + f" | {100 * r['median_before_share_agd']:.1f}% / {100 * r['median_before_share_mmd']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -179,7 +224,10 @@ def main() -> None:
             r = time_config(n, d, repeats=repeats, estimator=args.estimator, device=args.device)
             rows.append(r)
             print(f"n={n:>5} d={d:>3}: agd {r['agd_step_ms']:.2f} ms, mmd {r['mmd_step_ms']:.2f} ms, "
-                  f"ratio {r['ratio_agd_mmd']:.2f}", flush=True)
+                  f"ratio {r['ratio_agd_mmd']:.2f}; median {r['median_ms']:.2f} ms "
+                  f"({100 * r['median_share_agd']:.1f}% / {100 * r['median_share_mmd']:.1f}% of a step), "
+                  f"before {r['median_before_ms']:.2f} ms ({100 * r['median_before_share_agd']:.1f}% / "
+                  f"{100 * r['median_before_share_mmd']:.1f}%)", flush=True)
     table = markdown(rows)
     print()
     print(table)

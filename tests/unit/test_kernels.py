@@ -386,3 +386,160 @@ def test_deep_kernel_gram_and_grad_sum(dtype):
     # With the identity feature map the deep kernel is the base kernel: autograd == closed form.
     ident = DeepKernel(lambda z: z, base)
     torch.testing.assert_close(ident.grad_x_sum(x, y), base.grad_x_sum(x, y), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# Issue 24: the median heuristic by exact selection, bit for bit the bandwidth it had before
+# ---------------------------------------------------------------------------
+def _median_heuristic_before(x, y=None, *, max_points=None, generator=None):
+    """``median_heuristic`` as it was before issue 24 (a private copy, kept here on purpose): every pair
+    ``i < j`` gathered with ``triu_indices``, a per-pair coincidence tolerance, ``median``, the fallback."""
+    from stein_core._random import randint
+    from stein_core.kernels import _COINCIDE_ROUNDOFF
+
+    z = (x if y is None else torch.cat([x, y], dim=-2)).detach()
+    n, d = z.shape[-2], z.shape[-1]
+    if n < 2:
+        raise ValueError("median_heuristic needs at least 2 points")
+    subsampled = max_points is not None and n > max_points
+    if subsampled:
+        if max_points < 2:
+            raise ValueError(f"max_points must be >= 2, got {max_points}")
+        keys = randint(2**62, (n,), device=z.device, generator=generator)
+        z = z.index_select(-2, torch.argsort(keys)[:max_points])
+        n = max_points
+    r2 = sq_dists(z, z)
+    iu = torch.triu_indices(n, n, offset=1, device=z.device)
+    pairs = r2[..., iu[0], iu[1]]
+    zc = z - z.mean(dim=-2, keepdim=True)
+    norm2 = (zc * zc).sum(-1)
+    tol = (_COINCIDE_ROUNDOFF * d**0.5 * torch.finfo(z.dtype).eps) * (norm2[..., iu[0]] + norm2[..., iu[1]])
+    coincide = pairs <= tol
+    pairs = pairs.masked_fill(coincide, 0.0)
+    med = pairs.median(dim=-1).values
+    degenerate = med <= 0
+    if bool(degenerate.any()):
+        if bool(coincide.all(dim=-1).any()):
+            raise ValueError("all points coincide")
+        nonzero_med = pairs.masked_fill(coincide, float("nan")).nanmedian(dim=-1).values
+        med = torch.where(degenerate, nonzero_med, med)
+    return torch.sqrt(med / 2.0)
+
+
+def _median_cases():
+    """(name, x, y): shapes and data on both sides of the selection threshold (n >= 257 points)."""
+    g = torch.Generator().manual_seed(24)
+    for dtype in (torch.float32, torch.float64):
+        for n in (2, 3, 4, 5, 100, 256, 257, 300, 513, 1000):
+            for d in (1, 2, 64):
+                yield f"gauss-n{n}-d{d}-{dtype}", torch.randn(n, d, generator=g, dtype=dtype), None
+        yield f"far-{dtype}", torch.randn(600, 3, generator=g, dtype=dtype) + 1e3, None
+        yield f"far-big-{dtype}", 1e-3 * torch.randn(400, 2, generator=g, dtype=dtype) + 1e2, None
+        grid = torch.stack(torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij"), -1)
+        yield f"grid-ties-{dtype}", grid.reshape(-1, 2).to(dtype), None  # 576 points, heavily tied r^2
+        yield f"integers-d1-{dtype}", torch.randint(0, 7, (700, 1), generator=g).to(dtype), None
+        for frac in (0.3, 0.5, 0.7, 0.8):  # 70% and 80%: the plain median is 0 (the fallback)
+            yield f"dup{frac}-{dtype}", coincident_sample(400, 3, frac, dtype, seed=int(100 * frac)), None
+        yield f"pooled-{dtype}", torch.randn(250, 4, generator=g, dtype=dtype), torch.randn(
+            170, 4, generator=g, dtype=dtype
+        ) + 0.5
+        yield f"batched-{dtype}", torch.stack(
+            [coincident_sample(300, 2, 0.0, dtype, seed=1), 3.0 * coincident_sample(300, 2, 0.2, dtype, seed=2)]
+        ), None
+        yield f"batched-one-degenerate-{dtype}", torch.stack(
+            [coincident_sample(300, 2, 0.0, dtype, seed=3), coincident_sample(300, 2, 0.8, dtype, seed=4)]
+        ).reshape(2, 1, 300, 2), None
+        yield f"skewed-{dtype}", torch.randn(500, 8, generator=g, dtype=dtype) * torch.rand(
+            500, 1, generator=g, dtype=dtype
+        ) ** -2, None
+        yield f"sorted-{dtype}", torch.sort(torch.randn(900, 1, generator=g, dtype=dtype), dim=0).values, None
+
+
+@pytest.mark.parametrize("name, x, y", list(_median_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_median_heuristic_is_bit_for_bit_the_one_before(name, x, y):
+    # The selection path (n >= 257) and the gathered one (n < 257) both give the old bandwidth exactly: the
+    # models of the pipelines (trained at the median-heuristic bandwidth) must not move by one bit.
+    h = median_heuristic(x, y)
+    want = _median_heuristic_before(x, y)
+    assert h.dtype == want.dtype and h.shape == want.shape
+    assert torch.equal(h, want), (name, h, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_median_heuristic_is_the_plain_median_of_all_pairs(dtype):
+    # Without coincident points the bandwidth is sqrt(torch.median(r^2_ij, i < j) / 2), nothing else.
+    x = torch.randn(700, 5, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    r2 = sq_dists(x, x)
+    iu = torch.triu_indices(700, 700, offset=1)
+    assert torch.equal(median_heuristic(x), torch.sqrt(r2[iu[0], iu[1]].median() / 2.0))
+
+
+def test_median_heuristic_subsampling_is_unchanged():
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(2))
+    for max_points in (2, 300, 1200, 2999):
+        h = median_heuristic(x, max_points=max_points, generator=torch.Generator().manual_seed(3))
+        want = _median_heuristic_before(x, max_points=max_points, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(h, want), max_points
+
+
+def test_median_heuristic_takes_each_branch(monkeypatch):
+    """Both sides of the masking argument in median_heuristic: a median above every coincidence tolerance is
+    taken from the selection as it is; a median within round-off of 0 (here: 55% of the points repeated
+    with a 1e-13 jitter, so the raw median is ~1e-26 |x|^2 > 0 but the masked one is 0) goes to the exact path
+    and its fallback. Both equal the copy from before."""
+    import stein_core.kernels as K
+
+    calls = []
+    real = K._upper_triangle_kth
+    monkeypatch.setattr(K, "_upper_triangle_kth", lambda z, k: calls.append(k) or real(z, k))
+    x = coincident_sample(400, 3, 0.0, seed=8)
+    assert torch.equal(median_heuristic(x), _median_heuristic_before(x)) and len(calls) == 1
+    x = coincident_sample(400, 3, 0.8, seed=9)
+    mask = (x[:, None, :] == x[None, :, :]).all(-1).sum(-1) > 1
+    rep = x[mask][0]
+    jitter = torch.randn(int(mask.sum()), 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x[mask] = rep + 1e-13 * rep.abs().max() * jitter
+    raw = K._upper_triangle_kth(x, (400 * 399 // 2 - 1) // 2)
+    assert raw is None or 0.0 <= float(raw) < 1e-20  # the raw median is (within) round-off
+    h = median_heuristic(x)
+    assert torch.equal(h, _median_heuristic_before(x)) and float(h) > 1.0  # the fallback, not ~1e-13
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_triangle_kth_is_exact_for_any_rank_and_any_sample(monkeypatch, dtype):
+    # The k-th smallest r^2 over i < j, for ranks from the smallest to the largest pair, against the gathered
+    # upper triangle of sq_dists; also with a bracket so narrow that the sample misses (the fallback).
+    import stein_core.kernels as K
+
+    x = torch.randn(2, 300, 3, generator=torch.Generator().manual_seed(4), dtype=dtype) + 10.0
+    r2 = sq_dists(x, x)
+    iu = torch.triu_indices(300, 300, offset=1)
+    pairs = r2[..., iu[0], iu[1]]
+    n_pairs = pairs.shape[-1]
+    missed = []
+    gather = torch.triu_indices  # the selection gathers the pairs only when its bracket missed
+    monkeypatch.setattr(torch, "triu_indices", lambda *a, **kw: missed.append(1) or gather(*a, **kw))
+    monkeypatch.setattr(K, "_SELECT_BLOCK_ELEMENTS", 5000)  # many blocks, uneven
+    for sigmas in (K._SELECT_SIGMAS, 0.0):
+        monkeypatch.setattr(K, "_SELECT_SIGMAS", sigmas)
+        missed.clear()
+        for k in (300, 7000, (n_pairs - 1) // 2, n_pairs - 1):
+            got = K._upper_triangle_kth(x, k)
+            assert torch.equal(got, pairs.kthvalue(k + 1, dim=-1).values), (sigmas, k)
+    assert len(missed) >= 4  # with no margin the sample misses (and the answer stays exact)
+
+
+def test_median_heuristic_errors_and_nan_are_unchanged():
+    for bad in (torch.zeros(1, 2), torch.zeros(0, 3)):
+        with pytest.raises(ValueError, match="at least 2 points"):
+            median_heuristic(bad)
+    with pytest.raises(ValueError, match="max_points must be >= 2"):
+        median_heuristic(torch.randn(5, 2), max_points=1)
+    with pytest.raises(ValueError, match=r"all 300 points coincide in 1 of 3 batch entries \(\(2,\)\)"):
+        median_heuristic(torch.cat([torch.randn(2, 300, 2), torch.ones(1, 300, 2)]))
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(5))
+    x[7, 1] = float("nan")
+    assert torch.isnan(median_heuristic(x)) and torch.isnan(_median_heuristic_before(x))
+    x[7, 1] = float("inf")
+    assert torch.isnan(median_heuristic(x)) == torch.isnan(_median_heuristic_before(x))
