@@ -3,10 +3,19 @@
 Each test computes a kernel matrix once and evaluates all resampled statistics
 by matrix products, vectorised over the ``B`` draws and over any leading batch
 dims (e.g. independent repetitions of an experiment, each resampled on its
-own). p-values count the observed statistic, ``(1 + #{T* >= T}) / (1 + B)``,
-so they are never 0 and the test rejecting when ``p <= alpha`` has level at
-most ``alpha`` for exchangeable draws (permutations), and asymptotically for
-the wild bootstrap.
+own). For a :class:`~stein_core.kernels.RadialKernel`, :func:`ksd_test` and
+:func:`mmd_permutation_test` never hold that matrix: they take it block of rows
+by block of rows (``[..., block, n]`` with at most
+``discrepancies._BLOCK_ELEMENTS`` elements) and accumulate the ``B``
+resampled statistics as ``[..., B, n]`` products, ``O(n * block + n * B)``
+memory; the random draws are made first, exactly as in the dense form, so a
+seed gives the same p-values either way. The smoothed and sliced tests stay
+dense (``O(n^2)``).
+
+p-values count the observed statistic, ``(1 + #{T* >= T}) / (1 + B)``, so
+they are never 0 and the test rejecting when ``p <= alpha`` has level at most
+``alpha`` for exchangeable draws (permutations), and asymptotically for the
+wild bootstrap.
 
 A non-finite statistic is an error, never a decision: every test checks that
 its samples (and score values) are finite, and raises ``ValueError`` if the
@@ -27,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import discrepancies as _disc
 from ._random import randint
 from .discrepancies import (
     Kernel,
@@ -42,9 +52,11 @@ from .discrepancies import (
     _optimise_directions,
     _smoothed_level,
     _smoothing_noise,
+    _stein_cross_radial,
     sliced_stein_kernel_matrix,
     stein_kernel_matrix,
 )
+from .kernels import RadialKernel
 
 __all__ = [
     "KernelTestResult",
@@ -140,10 +152,67 @@ def _bootstrap(
     h0 = h - torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1))
     norm = n * (n - 1)
     stat = h0.sum(dim=(-2, -1)) / norm
-    w = randint(2, (*h.shape[:-2], n_bootstrap, n), device=h.device, generator=generator)
-    w = (2 * w - 1).to(h.dtype)  # [..., B, n]  Rademacher
+    w = _rademacher(h.shape[:-2], n_bootstrap, n, h.dtype, h.device, generator)  # [..., B, n]
     null = ((w @ h0) * w).sum(-1) / norm  # [..., B]
     return stat, null
+
+
+def _rademacher(
+    batch: torch.Size, n_bootstrap: int, n: int, dtype: torch.dtype, device: torch.device,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Rademacher weights ``[..., B, n]`` (``batch`` the kernel matrix's leading dims), one draw per call."""
+    w = randint(2, (*batch, n_bootstrap, n), device=device, generator=generator)
+    return (2 * w - 1).to(dtype)
+
+
+def _row_block(n: int) -> int:
+    """Rows per block of an ``[..., block, n]`` kernel-matrix slab: at most ``_BLOCK_ELEMENTS`` elements."""
+    return max(1, _disc._BLOCK_ELEMENTS // max(n, 1))
+
+
+def _radial_batch(x: Tensor, kernel: RadialKernel) -> tuple[torch.Size, torch.dtype]:
+    """Leading dims and dtype of a kernel matrix of ``x [..., n, d]``: those of ``x`` broadcast with the kernel's
+    parameters (e.g. one bandwidth per batch entry), read off the profile at a ``[..., 1, 1]`` zero."""
+    probe = kernel.phi(x.new_zeros((*x.shape[:-2], 1, 1)))
+    return probe.shape[:-2], probe.dtype
+
+
+def _bootstrap_radial(
+    x: Tensor, s: Tensor, kernel: RadialKernel, n_bootstrap: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_bootstrap` of the Stein kernel matrix of ``x, s [..., n, d]`` without forming it (unchecked).
+
+    The wild bootstrap of Chwialkowski, Strathmann & Gretton (ICML 2016), row block by row block. The Rademacher
+    weights ``W [..., B, n]`` are drawn first, by the very call :func:`_bootstrap` makes (same shape, dtype and
+    device, so the same seed gives the same draws). Rows ``[i0, i1)`` of the Stein kernel matrix ``H`` come from
+    the closed form ``_stein_cross_radial(x[i0:i1], s[i0:i1], x, s)`` (``u_p`` is translation invariant, so that
+    function's centring at the mean of the block's rows changes round-off only); their diagonal entries become
+    ``u_ii - u_ii`` (``H0``: 0, or NaN where ``u_ii`` is not finite, as in :func:`_bootstrap`); then
+    ``stat += sum(H0[i0:i1])`` and ``W H0 += W[:, i0:i1] @ H0[i0:i1]``, and finally
+    ``U* = sum((W H0) * W) / (n (n-1))``. Memory: ``[..., block, n]`` slabs and ``[..., B, n]`` accumulators,
+    ``O(n * block + n * B)``, never ``[..., n, n]``. With one block (``n^2 <= _BLOCK_ELEMENTS``) every
+    operation is that of the dense form, bit for bit.
+    """
+    n = x.shape[-2]
+    if n < 2:
+        raise ValueError("a U-statistic needs at least 2 samples")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    batch, dtype = _radial_batch(x, kernel)
+    w = _rademacher(batch, n_bootstrap, n, dtype, x.device, generator)  # [..., B, n]
+    norm = n * (n - 1)
+    block = _row_block(n)
+    total, wh0 = None, None
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        h0 = _stein_cross_radial(x[..., i0:i1, :], s[..., i0:i1, :], x, s, kernel)  # [..., b, n] rows of H
+        diag = torch.diagonal(h0[..., :, i0:i1], dim1=-2, dim2=-1)  # [..., b] u_ii, a view
+        diag.sub_(diag.clone())  # rows of H0: u_ii - u_ii as in _bootstrap (0, or NaN where u_ii is not finite)
+        part, wh = h0.sum(dim=(-2, -1)), w[..., :, i0:i1] @ h0  # [...], [..., B, n]
+        total = part if total is None else total + part
+        wh0 = wh if wh0 is None else wh0.add_(wh)
+    return total / norm, (wh0 * w).sum(-1) / norm
 
 
 def wild_bootstrap(
@@ -190,8 +259,12 @@ def ksd_test(
 
     Statistic: the KSD^2 U-statistic of Liu, Lee & Jordan (ICML 2016); null
     distribution: the Rademacher wild bootstrap of Chwialkowski, Strathmann &
-    Gretton (ICML 2016), see :func:`wild_bootstrap`. The Stein kernel matrix is
-    computed once.
+    Gretton (ICML 2016), see :func:`wild_bootstrap`. For a radial kernel the
+    Stein kernel matrix is never formed: its rows come block by block from the
+    closed form and the bootstrap accumulates ``W @ H0`` block by block
+    (``_bootstrap_radial``; ``O(n * block + n * B)`` memory, the same Rademacher
+    draws as the dense form, the statistic equal to round-off). Any other kernel
+    forms the matrix once (``O(n^2)``).
 
     Args:
         x: ``[..., n, d]`` samples (leading dims: independent tests).
@@ -213,8 +286,11 @@ def ksd_test(
     with torch.no_grad():
         score_x = _eval_score(x, score)
         _check_rows("the score at x", score_x)
-        h = stein_kernel_matrix(x, score_x, kernel)
-        stat, null = _bootstrap(h, n_bootstrap, generator)
+        if isinstance(kernel, RadialKernel):
+            stat, null = _bootstrap_radial(x, score_x, kernel, n_bootstrap, generator)
+        else:
+            h = stein_kernel_matrix(x, score_x, kernel)
+            stat, null = _bootstrap(h, n_bootstrap, generator)
     _check_finite_statistics("KSD^2", stat, null, "wild-bootstrap")
     p = _p_value(stat, null)
     return KernelTestResult(stat, p, p <= alpha, null, x.shape[-2], x.shape[-1])
@@ -281,8 +357,8 @@ def ksd_smoothed_test(
     with the plain sum and the widened IMQ kernels.)
 
     Memory: one ``[..., n, n]`` accumulator plus one level's ``n_noise`` Stein kernel matrices at a time,
-    ``O(n_noise n^2)`` whatever ``L``; the randomness (the noise, then the multipliers) comes from ``generator``, so the
-    same seed gives the same result.
+    ``O(n_noise n^2)`` whatever ``L`` (dense even for radial kernels, unlike :func:`ksd_test`); the randomness
+    (the noise, then the multipliers) comes from ``generator``, so the same seed gives the same result.
 
     Args:
         x: ``[..., n, d]`` samples (leading dims: independent tests).
@@ -365,7 +441,9 @@ def sksd_test(
     samples themselves would inflate it). The split takes the samples in their
     given order, which assumes i.i.d. (exchangeable) rows. With ``n_steps=0``
     nothing is optimised and all ``n`` samples are tested at the initial
-    directions (``g = r``, ``r`` the given or standard basis).
+    directions (``g = r``, ``r`` the given or standard basis). The summed
+    sliced Stein kernel matrix is formed (``O(n^2)`` memory, unlike the
+    blocked :func:`ksd_test`).
 
     Args:
         x: ``[..., n, d]``; score: tensor or callable; kernel: slice kernel (see
@@ -419,6 +497,29 @@ def sksd_test(
     return SlicedTestResult(stat, p, p <= alpha, null, x.shape[-2], x.shape[-1], r0, g0)
 
 
+def _gram_products_radial(z: Tensor, kernel: RadialKernel, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(E K [..., R, N], rowsum(K) [..., N], diag(K) [..., N])`` of the Gram matrix ``K`` of ``z [..., N, d]``
+    under a radial kernel, without forming ``K``.
+
+    The products behind the permutation statistics of Gretton et al. (JMLR 2012), see
+    :func:`mmd_permutation_test`. Rows ``[i0, i1)`` of ``K`` are ``kernel(z[i0:i1], z)`` (``[..., b, N]``, at
+    most ``_BLOCK_ELEMENTS`` elements), and ``E K = sum_blocks E[:, i0:i1] @ K[i0:i1]`` (``K`` symmetric).
+    Memory ``O(N * block + N * R)``. With one block (``N^2 <= _BLOCK_ELEMENTS``) the operations are those of
+    ``e @ kernel(z, z)``, bit for bit.
+    """
+    total = z.shape[-2]
+    block = _row_block(total)
+    ke, rows, diags = None, [], []
+    for i0 in range(0, total, block):
+        i1 = min(total, i0 + block)
+        k = kernel(z[..., i0:i1, :], z)  # [..., b, N] rows of K
+        part = e[..., :, i0:i1] @ k  # [..., R, N]
+        ke = part if ke is None else ke.add_(part)
+        rows.append(k.sum(-1))
+        diags.append(torch.diagonal(k[..., :, i0:i1], dim1=-2, dim2=-1).clone())  # a copy: the block is freed
+    return ke, torch.cat(rows, dim=-1), torch.cat(diags, dim=-1)
+
+
 def mmd_permutation_test(
     x: Tensor,
     y: Tensor,
@@ -440,7 +541,10 @@ def mmd_permutation_test(
 
     and the U-statistic is ``(S_xx - e.diag K) / (n (n-1)) + (S_yy - f.diag K) /
     (m (m-1)) - 2 S_xy / (n m)`` (the V-statistic divides the full sums by
-    ``n^2, m^2, n m``). ``O(B N^2)`` time, ``O(N^2 + B N)`` memory. The observed
+    ``n^2, m^2, n m``). ``O(B N^2)`` time, ``O(N^2 + B N)`` memory; for a radial
+    kernel ``K`` is never formed: ``E K``, ``K 1`` and ``diag K`` are summed over
+    blocks of rows of ``K`` (``_gram_products_radial``), ``O(N * block + B N)``
+    memory, with the permutations drawn first as in the dense form. The observed
     statistic uses the same formula with the identity labelling.
 
     Args:
@@ -471,23 +575,30 @@ def mmd_permutation_test(
     with torch.no_grad():
         z = torch.cat([x, y], dim=-2)  # [..., N, d]
         total = n + m
-        k = kernel(z, z)  # [..., N, N]
-        batch = k.shape[:-2]
+        if isinstance(kernel, RadialKernel):
+            batch, dtype = _radial_batch(z, kernel)
+        else:
+            k = kernel(z, z)  # [..., N, N]
+            batch, dtype = k.shape[:-2], k.dtype
         keys = randint(2**62, (*batch, n_permutations, total), device=z.device, generator=generator)
         first = torch.argsort(keys, dim=-1)[..., :n]  # [..., B, n]  indices labelled x
-        e = torch.zeros((*batch, n_permutations, total), dtype=k.dtype, device=k.device)
+        e = torch.zeros((*batch, n_permutations, total), dtype=dtype, device=z.device)
         e.scatter_(-1, first, 1.0)
-        e0 = torch.zeros(total, dtype=k.dtype, device=k.device)
+        e0 = torch.zeros(total, dtype=dtype, device=z.device)
         e0[:n] = 1.0
         e = torch.cat([e0.expand(*batch, 1, total), e], dim=-2)  # [..., 1 + B, N]; row 0 observed
-        ke = e @ k  # [..., 1 + B, N]  (K symmetric)
-        kf = k.sum(-1).unsqueeze(-2) - ke  # [..., 1 + B, N]  rows of K f
+        if isinstance(kernel, RadialKernel):
+            ke, k_rows, k_diag = _gram_products_radial(z, kernel, e)
+        else:
+            ke = e @ k  # [..., 1 + B, N]  (K symmetric)
+            k_rows, k_diag = k.sum(-1), torch.diagonal(k, dim1=-2, dim2=-1)  # [..., N] each
+        kf = k_rows.unsqueeze(-2) - ke  # [..., 1 + B, N]  rows of K f
         f = 1.0 - e
         s_xx = (ke * e).sum(-1)
         s_xy = (ke * f).sum(-1)
         s_yy = (kf * f).sum(-1)
         if stat_kind == "u":
-            diag = torch.diagonal(k, dim1=-2, dim2=-1).unsqueeze(-1)  # [..., N, 1]
+            diag = k_diag.unsqueeze(-1)  # [..., N, 1]
             tr_x = (e @ diag).squeeze(-1)
             tr_y = diag.sum(dim=(-2, -1)).unsqueeze(-1) - tr_x
             stats = (

@@ -521,3 +521,192 @@ def test_sliced_stein_kernel_is_the_same_whatever_the_chunk_of_slices(monkeypatc
     ref = phi * sr[:, None] * sr[None, :] + 2 * c * dphi * delta * (sr[None, :] - sr[:, None]) \
         - c * c * (2 * dphi + 4 * d2phi * delta * delta)
     torch.testing.assert_close(one, ref, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- issue 24: KSD near its GEMM floor
+def _ksd_radial_blocked_before(x, s, kernel, stat):
+    """``discrepancies._ksd_radial_blocked`` as it was before issue 24 (a private copy, kept here on purpose):
+    the generic closed form over full row blocks of ``_BLOCK_ELEMENTS`` (2^20) elements."""
+    n, d = x.shape[-2], x.shape[-1]
+    if stat == "u" and n < 2:
+        raise ValueError("a U-statistic needs at least 2 samples")
+    shift = x.mean(dim=-2, keepdim=True).detach()
+    xc = x - shift
+    sq = (xc * xc).sum(-1, keepdim=True)
+    ones = torch.ones_like(sq)
+    left = torch.cat([xc, sq, ones], dim=-1)
+    right_t = torch.cat([-2.0 * xc, ones, sq], dim=-1).transpose(-2, -1)
+    a = (s * xc).sum(-1)
+    block = max(16, min(n, (1 << 20) // max(n, 1)))
+    total = x.new_zeros(x.shape[:-2])
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        r2 = (left[..., i0:i1, :] @ right_t).clamp_min_(0.0)
+        phi, dphi, d2phi = kernel.profile(r2)
+        m = phi @ s + 4.0 * (dphi @ xc)
+        rho = dphi.sum(-1)
+        dot = (
+            torch.dot(d2phi.reshape(-1), r2.reshape(-1)) if d2phi.dim() == 2 else (d2phi * r2).sum((-2, -1))
+        )
+        total = total + (
+            (s[..., i0:i1, :] * m).sum((-2, -1))
+            - 4.0 * (a[..., i0:i1] * rho).sum(-1)
+            - 2.0 * d * rho.sum(-1)
+            - 4.0 * dot
+        )
+    if stat == "v":
+        return total / (n * n)
+    phi0, dphi0, _ = kernel.profile(x.new_zeros((*x.shape[:-2], 1, 1)))
+    diag = phi0[..., 0, 0] * (s * s).sum((-2, -1)) - 2.0 * d * n * dphi0[..., 0, 0]
+    return (total - diag) / (n * (n - 1))
+
+
+def _ksd_kernels(dtype):
+    from stein_core.kernels import IMQ, RBF, SumKernel
+
+    return {
+        "rbf": RBF(1.3),
+        "imq": IMQ(c=0.9),  # beta = -1/2: the rsqrt closed form
+        "imq-0.6": IMQ(c=0.7, beta=-0.6),
+        "sum": SumKernel([IMQ(0.5), RBF(2.0)]),  # any other radial kernel: the generic profile
+        "imq-batched-c": IMQ(c=torch.tensor([0.6, 1.7], dtype=dtype)),
+        "rbf-batched-h": RBF(torch.tensor([0.8, 2.5], dtype=dtype)),
+    }
+
+
+@pytest.mark.parametrize("kernel_name", ["rbf", "imq", "imq-0.6", "sum", "imq-batched-c", "rbf-batched-h"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ksd_up_to_1024_samples_is_bit_for_bit_the_one_before(dtype, kernel_name):
+    """The pipelines train with ksd at batch <= 1000: up to _KSD_EXACT_MAX_N samples the value and the gradients
+    (what the optimiser sees) are exactly those of the code before issue 24, for every kernel, both statistics,
+    batched or not."""
+    import stein_core.discrepancies as disc
+
+    assert disc._KSD_EXACT_MAX_N == 1024
+    kernel = _ksd_kernels(dtype)[kernel_name]
+    gen = torch.Generator().manual_seed(24)
+    for n in (2, 17, 300, 1024):
+        x = (torch.randn(2, n, 3, generator=gen, dtype=torch.float64) + 2.0).to(dtype).requires_grad_(True)
+        score = torch.tanh(x) - 0.3 * x
+        for statistic in ("u", "v"):
+            got = disc.ksd(x, score, kernel, statistic=statistic)
+            want = _ksd_radial_blocked_before(x, score, kernel, statistic)
+            assert torch.equal(got, want), (n, statistic)
+            (g_got,) = torch.autograd.grad(got.sum(), x, retain_graph=True)
+            (g_want,) = torch.autograd.grad(want.sum(), x, retain_graph=True)
+            assert torch.equal(g_got, g_want), (n, statistic)
+        if kernel_name == "imq" and n == 300:  # unbatched too
+            got = disc.ksd(x[0].detach(), score[0].detach(), kernel)
+            assert torch.equal(got, _ksd_radial_blocked_before(x[0].detach(), score[0].detach(), kernel, "u"))
+
+
+@pytest.mark.parametrize("kernel_name", ["rbf", "imq", "imq-0.6", "sum", "imq-batched-c", "rbf-batched-h"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("statistic", ["u", "v"])
+def test_fast_ksd_equals_the_matrix_form_across_block_boundaries(monkeypatch, dtype, statistic, kernel_name):
+    """The upper-triangle sum of _ksd_sum_fast (forced at small n: _KSD_EXACT_MAX_N = 0) equals the mean of
+    stein_kernel_matrix, value and gradients (x, the score, a kernel parameter), with blocks of 20 rows and n
+    one below, at and one above a block (19, 20, 21 rows: one block, one full block, a block and a row) and
+    several uneven blocks (61 = 20 + 20 + 20 + 1, 70); without autograd (the in-place path) the value is the
+    same bit for bit."""
+    import stein_core.discrepancies as disc
+
+    kernel = _ksd_kernels(dtype)[kernel_name]
+    monkeypatch.setattr(disc, "_KSD_EXACT_MAX_N", 0)
+    monkeypatch.setattr(disc, "_KSD_MIN_ROWS", 1)
+    blocks = []
+    fast_sum = disc._ksd_sum_fast
+    monkeypatch.setattr(disc, "_ksd_sum_fast", lambda x, s, k, block: blocks.append(block) or fast_sum(x, s, k, block))
+    gen = torch.Generator().manual_seed(5)
+    for n in (19, 20, 21, 61, 70):
+        monkeypatch.setitem(disc._KSD_BLOCK_ELEMENTS, "cpu", 20 * n)  # 20 rows per block
+        x = (torch.randn(2, n, 4, generator=gen, dtype=torch.float64) + 3.0).to(dtype).requires_grad_(True)
+        score = torch.tanh(x) - 0.3 * x
+        fast = disc.ksd(x, score, kernel, statistic=statistic)
+        ref = disc._reduce(disc.stein_kernel_matrix(x, score, kernel), statistic)
+        assert fast.shape == (2,) and fast.dtype == dtype
+        tol = {torch.float32: 2e-5, torch.float64: 1e-11}[dtype]
+        scale = ref.abs().max().item() + 1e-3
+        assert (fast - ref).abs().max().item() <= tol * scale, (n, fast, ref)
+        (g_fast,) = torch.autograd.grad(fast.sum(), x, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(g_fast, g_ref, rtol=50 * tol, atol=50 * tol * g_ref.abs().max().item())
+        with torch.no_grad():
+            assert torch.equal(disc.ksd(x, score, kernel, statistic=statistic), fast.detach())
+        assert blocks[-1] == min(n, 20)
+    # a kernel parameter that requires grad (a learned IMQ c): d ksd / dc as the matrix form's
+    if kernel_name == "imq":
+        c = torch.tensor(0.9, dtype=dtype, requires_grad=True)
+        from stein_core.kernels import IMQ
+
+        x = x.detach()
+        score = torch.tanh(x) - 0.3 * x
+        (dc_fast,) = torch.autograd.grad(disc.ksd(x, score, IMQ(c), statistic=statistic).sum(), c)
+        (dc_ref,) = torch.autograd.grad(disc._reduce(disc.stein_kernel_matrix(x, score, IMQ(c)), statistic).sum(), c)
+        torch.testing.assert_close(dc_fast, dc_ref, rtol=50 * tol, atol=50 * tol * dc_ref.abs().item())
+
+
+def test_fast_ksd_above_1024_samples_matches_float64_and_clamps_a_tiny_c(monkeypatch):
+    """At the default settings n = 1100 takes the fast path (several blocks of 2^19 elements); its float32 value
+    is as close to the float64 matrix form as the form before issue 24 is. With c far below the round-off of
+    r^2 (c^2 < 2^10 (d + 3) eps max|x|^2) the base c^2 + r^2 is clamped, as r^2 >= 0 was: finite, and equal
+    to the matrix form."""
+    import stein_core.discrepancies as disc
+    from stein_core.kernels import IMQ
+
+    gen = torch.Generator().manual_seed(7)
+    x64 = torch.randn(1100, 5, generator=gen, dtype=torch.float64) * 2.0 + 1.0
+    s64 = -(x64 - 1.0) / 4.0  # N(1, 4 I): the model is right, KSD^2 ~ 0
+    kernel = IMQ(c=1.0)
+    ref = disc._reduce(disc.stein_kernel_matrix(x64, s64, kernel), "u").item()
+    x, s = x64.float(), s64.float()
+    fast = disc.ksd(x, s, kernel).item()
+    before = _ksd_radial_blocked_before(x, s, kernel, "u").item()
+    scale = (s64 * s64).sum(-1).mean().item()  # phi(0) |s|^2: the size of the terms that cancel
+    assert abs(fast - ref) <= max(2.0 * abs(before - ref), 1e-6 * scale), (fast, before, ref)
+    # a small c: the clamp path, in float32 against the float64 matrix form of the same points
+    monkeypatch.setattr(disc, "_KSD_EXACT_MAX_N", 0)
+    x32 = (10.0 * torch.randn(200, 5, generator=gen, dtype=torch.float64)).float()
+    s32 = -x32 / 100.0
+    small = IMQ(c=0.25)
+    xc = x32 - x32.mean(0)
+    assert 0.25**2 < 1024 * (5 + 3) * torch.finfo(torch.float32).eps * float((xc * xc).sum(-1).max())
+    got = disc.ksd(x32, s32, small).item()
+    want = disc._reduce(disc.stein_kernel_matrix(x32.double(), s32.double(), small), "u").item()
+    before = _ksd_radial_blocked_before(x32, s32, small, "u").item()
+    assert math.isfinite(got)
+    assert abs(got - want) <= max(2.0 * abs(before - want), 1e-6 * abs(want)), (got, before, want)
+
+
+def test_ksd_block_elements_per_device(monkeypatch):
+    import stein_core.discrepancies as disc
+
+    assert disc._ksd_block_elements(torch.device("cuda")) == 1 << 24
+    assert disc._ksd_block_elements(torch.device("cpu")) == 1 << 19
+    assert disc._ksd_block_elements(torch.device("meta")) == disc._BLOCK_ELEMENTS
+    # rows per block above 1024 samples on the CPU: 2^19 // n, but at least 128 (fast products), at most n
+    blocks = []
+    fast_sum = disc._ksd_sum_fast
+    monkeypatch.setattr(disc, "_ksd_sum_fast", lambda x, s, k, block: blocks.append(block) or fast_sum(x, s, k, block))
+    from stein_core.kernels import IMQ
+
+    for n in (1025, 2048, 8192):
+        x = torch.randn(n, 2, generator=torch.Generator().manual_seed(n))
+        disc.ksd(x, -x, IMQ(1.0))
+    assert blocks == [(1 << 19) // 1025, 256, 128]
+
+
+@pytest.mark.gpu
+def test_fast_ksd_on_cuda_matches_the_cpu():
+    """On CUDA (2^24-element blocks) the fast path gives the CPU's value to float32 round-off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from stein_core.discrepancies import ksd
+    from stein_core.kernels import IMQ
+
+    x = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
+    s = -x
+    cpu = ksd(x, s, IMQ(1.0))
+    gpu = ksd(x.cuda(), s.cuda(), IMQ(1.0)).cpu()
+    scale = (s * s).sum(-1).mean().item()
+    assert abs(gpu.item() - cpu.item()) <= 1e-5 * scale
