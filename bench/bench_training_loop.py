@@ -18,7 +18,7 @@ compiled run, so each run compiles in the process (Inductor's disk cache stays, 
 ``--modules`` adds the alternative the loop did not take: each module's forward compiled in place
 (``nn.Module.compile``), the step eager.
 
-    python bench/bench_training_loop.py --compile [--modules] [--setups mlp,conv] [--steps 300] [--repeats 2]
+    python bench/bench_training_loop.py --compile [--modules] [--setups mlp,conv] [--steps 300] [--repeats 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compare train.compile off and on (see the docstring)")
     ap.add_argument("--setups", default="mlp,conv", help="with --compile: mlp, conv or both")
     ap.add_argument("--modules", action="store_true", help="with --compile: also each module compiled in place")
+    ap.add_argument("--device", default="cpu", help="with --compile: cpu or cuda")
     args = ap.parse_args()
     if args.compile:
         compare_compile(args)
@@ -129,7 +130,7 @@ class _ModulesCompiled:
         return modules
 
 
-def _timed_run(train, x, shape, mode: str) -> tuple[float, float]:
+def _timed_run(train, x, shape, mode: str, device: str = "cpu") -> tuple[float, float]:
     """One ``fit`` (mode: off, step or modules) -> (median seconds per step over the log windows after the first,
     compile seconds)."""
     import statistics
@@ -143,7 +144,8 @@ def _timed_run(train, x, shape, mode: str) -> tuple[float, float]:
     family = _ModulesCompiled(FAMILIES["ncsn"]) if mode == "modules" else FAMILIES["ncsn"]
     train = train.model_copy(update={"compile": mode == "step"})
     seconds = []  # the loop's cumulative step time at each log
-    fit(family, train, x, shape, device="cpu", hooks=Hooks(on_log=lambda s, m, info: seconds.append(info["seconds"])))
+    fit(family, train, x.to(device), shape, device=torch.device(device),
+        hooks=Hooks(on_log=lambda s, m, info: seconds.append(info["seconds"])))
     windows = [b - a for a, b in zip([0.0, *seconds], seconds)]
     step = statistics.median(windows[1:]) / train.log_every
     return step, windows[0] - train.log_every * step
@@ -154,7 +156,7 @@ def compare_compile(args) -> None:
 
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} thread(s); family ncsn, {args.steps} steps per run, {args.repeats} interleaved runs each")
+          f"{args.threads} thread(s), device {args.device}; family ncsn, {args.steps} steps per run, {args.repeats} interleaved runs each")
     print("| setup | compiled | steps/s (median of runs) | all runs (steps/s) | first window over the median (s) |")
     print("|---|---|---|---|---|")
     modes = ("off", "step", *(("modules",) if args.modules else ()))
@@ -165,7 +167,7 @@ def compare_compile(args) -> None:
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode in modes:
-                runs[mode].append(_timed_run(train, x, shape, mode))
+                runs[mode].append(_timed_run(train, x, shape, mode, args.device))
         rates = {}
         for mode in modes:
             per = [1.0 / s for s, _ in runs[mode]]

@@ -7,15 +7,18 @@
 #
 # Sections, in this order, each under `timeout` and under one overall deadline (GPU_CHECK_BUDGET s, default 360):
 #   env        nvidia-smi, torch/CUDA versions and device properties
-#   pytest_gpu pytest -m gpu tests/unit (the CUDA cases of the sampler and goodness-of-fit tests)
+#   pytest_gpu pytest -m gpu tests/unit and the loop's sync test (the CUDA cases of the sampler and goodness-of-fit
+#              tests; issue 24: a training step syncs the host only at its log and checkpoint boundaries)
 #   train      tasks.stages.train.loop.fit: digits (conv NCSN) and gmm2d (MLP NCSN), cuda vs CPU; every other pipeline's
 #              family a few steps on cuda; a cuda-trained model saved and loaded on the CPU and on cuda
 #   sample     annealed Langevin from models/digits/model.pt, cuda vs CPU
 #   evalckpt   tasks.stages.evaluate.metrics.evaluate_checkpoint (the evaluate stage's per-checkpoint task), cuda vs CPU
-#   ksd        bench/bench_ksd.py on cuda (full grid) and on the CPU (--quick grid)
+#   ksd        bench/bench_ksd.py on cuda (full grid) and on the CPU (--quick grid): the ratio to one n x n x d GEMM
+#   mmd        bench/bench_mmd.py: the blocked MMD beside a torch.cdist one, cuda and CPU (issue 24)
+#   compile    bench/bench_training_loop.py --compile: ncsn's MLP and conv U-Net, train.compile off and on (issue 24)
 #   samplers   bench/bench_samplers.py --quick, cuda and CPU
 #   sm         bench/bench_score_matching.py (d 2, 32, 512), cuda and CPU
-#   gen        bench/bench_generators.py (n 100, 1000; d 2, 64), cuda and CPU
+#   gen        bench/bench_generators.py (n 100, 1000; d 2, 64), cuda and CPU: the median heuristic's share of a step
 #   features   bench/bench_features.py (LeNet and the random-weight FID Inception), cuda and CPU
 #   fid        stein_core.frechet_distance at d = 2048, cuda vs CPU (float64)
 #   unit       the rest of tests/unit (not slow, not gpu) on this machine's Python, pytest-xdist if present
@@ -33,7 +36,7 @@ PY=${PY:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of every section on a machine without a GPU
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 T0=$(date +%s)
-DEADLINE=$((T0 + ${GPU_CHECK_BUDGET:-360}))
+DEADLINE=$((T0 + ${GPU_CHECK_BUDGET:-480}))
 NCPU=$(nproc)
 : > "$OUT/sections.tsv"
 
@@ -99,7 +102,7 @@ export -f env_info
 # ------------------------------------------------------------------------------------------------------ sections
 section env 60 bash -c env_info
 
-section pytest_gpu 150 $PY -m pytest -m gpu tests/unit -p no:cacheprovider -q -rA --junitxml="$OUT/pytest_gpu.xml"
+section pytest_gpu 150 $PY -m pytest -m gpu tests/unit tests/stages/test_sync_free_loop.py -p no:cacheprovider -q -rA --junitxml="$OUT/pytest_gpu.xml"
 
 cat > "$WORK/train.py" <<'EOF'
 import json, os, statistics, tempfile, time
@@ -267,6 +270,9 @@ section evalckpt 90 $PY "$WORK/evalckpt.py"
 
 section ksd_cuda 120 $PY bench/bench_ksd.py --device $DEV --json "$WORK/ksd_cuda.json"
 section ksd_cpu 60 $PY bench/bench_ksd.py --device cpu --quick --json "$WORK/ksd_cpu.json"
+section mmd_cuda 60 $PY bench/bench_mmd.py --device $DEV --sizes 4096x64 16384x64 --repeats 3
+section mmd_cpu 60 $PY bench/bench_mmd.py --device cpu --sizes 4096x64 --repeats 3
+section compile_cuda 150 $PY bench/bench_training_loop.py --compile --device $DEV --setups mlp,conv --steps 200 --repeats 1
 
 section samplers_cuda 40 $PY bench/bench_samplers.py --quick --device $DEV --json "$WORK/samplers_cuda.json"
 section samplers_cpu 40 $PY bench/bench_samplers.py --quick --device cpu --threads "$NCPU" --json "$WORK/samplers_cpu.json"
