@@ -33,6 +33,7 @@ from prefect.exceptions import MissingContextError
 
 from flows.local import STAGE_ERROR_ENV, ProjectBusy, StageFailed, dvc, project_lock, read_stage_error, tool_env
 from flows.registry import get_pipeline
+from tasks.config.sections import EVERY_KEY
 from tasks.infra.runtime import project_root
 from tasks.tracking.log import PARENT_ENV, create_pipeline_run, fill_pipeline_run, setup_mlflow, tracking_uri
 
@@ -148,7 +149,7 @@ def reproduce_flow(pipeline: str = "gmm2d", force: bool = False, project_lock_wa
     with _project_exclusion(root, project_lock_wait, pipeline):
         # a deployment's run validates here, so bad input fails before DVC; `stein run` validated before the lock
         cfg = spec.validate_all(root) if project_lock_wait is not None else spec.load_config(root)
-        run_id = open_pipeline_run(pipeline, cfg.model_dump(), root=root, name=run_name)
+        run_id = open_pipeline_run(pipeline, cfg.model_dump(context=EVERY_KEY), root=root, name=run_name)
         try:
             t0 = time.perf_counter()
             dvc_repro([spec.final_stage], root=root, parent_run_id=run_id, force=force)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.config.sections import ConfigError, load_config
+from tasks.config.sections import EVERY_KEY, ConfigError, load_config
 from tasks.config.paths import Paths
 from tasks.infra.runtime import RuntimeSettings, check_batch_split, configure_threads, load_settings, project_root
 
@@ -301,10 +301,10 @@ def run_stage(
 
     ctx = load_stage(pipeline, config, stage)
     client = setup_mlflow(ctx.root).MlflowClient()
-    group = experiment_group_run(client, pipeline, config=ctx.cfg.model_dump(), root=ctx.root)
+    group = experiment_group_run(client, pipeline, config=ctx.cfg.model_dump(context=EVERY_KEY), root=ctx.root)
     try:
         with stage_run(
-            pipeline, stage, params=ctx.section.model_dump(), inputs=inputs(ctx), outputs=outputs(ctx),
+            pipeline, stage, params=ctx.section.model_dump(context=EVERY_KEY), inputs=inputs(ctx), outputs=outputs(ctx),
             parent_run_id=group,
         ) as run:
             import mlflow

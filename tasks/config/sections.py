@@ -148,6 +148,10 @@ class ImagePrepare(_PrepareBase):
 # --------------------------------------------------------------------------------------------- train
 
 
+#: ``model_dump(context=EVERY_KEY)``: a dump with every key of a train section (see ``TrainBase._eager_as_before``).
+EVERY_KEY = {"every_key": True}
+
+
 class TrainBase(_Section):
     """What the one training loop (``tasks.stages.train.loop``) reads from every family's train section; a family adds its
     own keys in a subclass with ``family: Literal["<name>"]`` (``tasks/families/<name>.py``).
@@ -175,12 +179,13 @@ class TrainBase(_Section):
     )
 
     @model_serializer(mode="wrap")
-    def _eager_as_before(self, handler):
+    def _eager_as_before(self, handler, info):
         """A dump leaves out ``compile: false``: an eager training is the one it always was, so the model file
         (which carries its train section), the Ray Train run name (a digest of it) and the worker's config stay
-        byte for byte what they were before the option existed; ``compile: true`` is kept and recorded."""
+        byte for byte what they were before the option existed; ``compile: true`` is kept and recorded. A dump
+        for people (the pipeline run's MLflow params) asks for every key: ``model_dump(context=EVERY_KEY)``."""
         data = handler(self)
-        if isinstance(data, dict) and not self.compile:
+        if isinstance(data, dict) and not self.compile and not (info.context or {}).get("every_key"):
             data.pop("compile", None)
         return data
 
