@@ -274,19 +274,69 @@ def test_a_killed_worker_node_comes_back_and_training_ends_with_the_uninterrupte
         assert torch.equal(resumed[key], value), key
 
 
+#: How long the elastic test keeps its single worker paused once the node is back: Train's resize monitor interval
+#: there (5 s) and its autoscaling coordinator's refresh (20 s), plus a margin.
+RESIZE_PAUSE_S = 35
+
+
+def _train_workers(cluster: Cluster) -> list[psutil.Process]:
+    """The live Ray Train worker processes among the cluster's (Ray titles them ``ray::RayTrainWorker...``)."""
+    found = []
+    for p in cluster.procs.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _registered_step(repo: Path, since: float) -> int:
+    """The step of the newest checkpoint Ray Train has registered in a run written since ``since`` (its checkpoint
+    manager writes a snapshot at each registration), -1 if none. A checkpoint the loop has reported but Train has
+    not registered yet is not one a restart resumes from."""
+    best = -1
+    for snap in (repo / ".stein" / "ray_results").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if snap.stat().st_mtime < since:
+                continue
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # being written: the next line looks again
+            continue
+        best = max(best, int(latest.get("metrics", {}).get("step", -1)))
+    return best
+
+
+def _resume(procs: list[psutil.Process]) -> None:
+    """SIGCONT to each paused process still there (the resize may have ended it)."""
+    for p in procs:
+        try:
+            p.resume()
+        except psutil.Error:
+            pass
+
+
 def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_and_ends_with_the_same_weights(
         prepared, cluster, prefect_api, assert_resumed_where_it_stopped):
     """``STEIN_NUM_WORKERS=1-2``: two workers while both nodes are up; the worker node killed, Ray Train goes on
     with the one worker that fits on the head (from the last checkpoint), and when `stein cluster up` brings the
-    node back it grows to two again (it looks for room every ``STEIN_ELASTIC_RESIZE_S`` seconds). Every rank takes
-    its slice of the one global batch of step t, so the weights equal a 1-worker run's up to the float32
-    reordering of the gradient sums (the bound of the 2-vs-1 test above). A longer training than the module's (8000
-    steps), so that it is still running when the node is back; its own config file, its own uninterrupted run."""
+    node back it grows to two again. Every rank takes its slice of the one global batch of step t, so the weights
+    equal a 1-worker run's up to the float32 reordering of the gradient sums (the bound of the 2-vs-1 test above).
+    Its own config file (8000 steps), its own uninterrupted run.
+
+    Growing back takes Train up to about half a minute after the node is up (its resize monitor looks every
+    ``STEIN_ELASTIC_RESIZE_S`` seconds, at resources its autoscaling coordinator refreshes every 20 s), and on a
+    quiet machine the single worker can finish first (it did once: the test then saw no growth). The node is killed
+    once Train has registered a checkpoint (else the shrunk group starts over instead of resuming). The single
+    worker is paused (SIGSTOP) from its first step until ``RESIZE_PAUSE_S`` seconds after the node is back: Train
+    decides to resize meanwhile (the paused worker only misses health checks, which Train tolerates for minutes),
+    and ends the worker once it runs again. (Kept paused, its shutdown would wait for it: measured, Train then
+    stays in the resize until the worker continues.) On a slower machine both the decision and the worker are
+    slower, so the pause still comes first."""
     import torch
 
     repo = prepared
     raw = yaml.safe_load((repo / "conf" / "gmm2d.yaml").read_text())
-    # long enough that the single worker is still training when the node is back and Train has seen it
     raw["train"].update(n_steps=8000, checkpoint_every=200, log_every=100)
     conf = repo / "elastic.yaml"
     conf.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -298,12 +348,14 @@ def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_an
     worker = cluster.node("stein-worker-1")
     env = _env(repo, prefect_api, STEIN_NUM_WORKERS="1-2", STEIN_ELASTIC_RESIZE_S="5",
                RAY_ADDRESS=cluster.state["address"])
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", "-c", str(conf)], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen: list[str] = []
-    phase = "two"  # two workers -> (kill) -> one worker -> (node back) -> two workers again
+    paused: list[psutil.Process] = []
+    phase = "two"  # two workers -> (kill) -> one worker -> (it paused, the node back) -> two workers again
     try:
         deadline = time.monotonic() + 1200
         while proc.poll() is None or not lines.empty():
@@ -314,21 +366,29 @@ def test_elastic_training_shrinks_when_a_node_dies_grows_back_when_it_returns_an
                 continue
             seen.append(line)
             step = re.search(r"\[train\] step (\d+)/", line)
-            if phase == "two" and step and int(step.group(1)) >= 200 and any("2 worker(s) on 2 Ray node(s)" in s for s in seen):
+            if (phase == "two" and step and int(step.group(1)) >= 200 and any("2 worker(s) on 2 Ray node(s)" in s for s in seen)
+                    and _registered_step(repo, started) >= 200):  # killed before Train has a checkpoint, it starts over
                 cluster.watch()
                 os.kill(cluster.node("stein-worker-1")["raylet_pid"], signal.SIGKILL)
                 psutil.wait_procs([psutil.Process(worker["pid"])], timeout=30)
                 phase = "killed"
             elif phase == "killed" and "1 worker(s) on 1 Ray node(s)" in line:
                 phase = "one"
-            elif phase == "one" and step:  # the single worker trains: bring the node back
+            elif phase == "one" and step:  # the single worker trains: pause it, bring the node back
+                cluster.watch()
+                paused = _train_workers(cluster)
+                assert len(paused) == 1, f"expected the one Ray Train worker, on the head; found {paused}"
+                paused[0].suspend()
                 assert stein(repo, "cluster", "up").returncode == 0
                 cluster.watch()
+                time.sleep(RESIZE_PAUSE_S)  # the resize decision comes meanwhile (see above); the output is queued
+                _resume(paused)
                 phase = "back"
             elif phase == "back" and "2 worker(s) on 2 Ray node(s)" in line:
                 phase = "grown"
         proc.wait(timeout=60)
     finally:
+        _resume(paused)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
