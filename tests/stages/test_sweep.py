@@ -44,6 +44,8 @@ def stein(repo: Path, *args: str, prefect_api: str) -> subprocess.CompletedProce
     return proc
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # 150 s (six Ray Train runs); make test stays nearer its 10 minutes, make test-all (CI) runs it
 def test_a_tiny_ica_sweep_runs_through_its_stages_with_a_run_per_cell(repo, prefect_api):
     import mlflow
 

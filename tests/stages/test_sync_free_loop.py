@@ -401,6 +401,7 @@ def test_compile_is_off_by_default_and_a_field_of_every_train_section():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 42 s of Inductor compilation; compile is off by default (make test-all, CI, runs it)
 def test_a_compiled_step_trains_like_the_eager_one(data):
     """``train.compile: true`` compiles ncsn's step (its loss, network, Adam and EMA updates): the modules keep their
     state_dict keys, and the weights agree with the eager run's to float32 round-off (Inductor fuses and reorders
